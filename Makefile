@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: install test release
+.PHONY: install test release cerebrium-bundle rollback stop-server prefect-server prefect-deploy prefect-worker prefect-run
 
 install: $(STAMP)
 
@@ -22,5 +22,36 @@ $(STAMP): pyproject.toml requirements/*.txt
 test: install
 	$(PY) -m pytest
 
+# make release TARGET=cerebrium deploys to Cerebrium (docs/readme/40-cerebrium.md).
 release: install
-	$(PY) -m flows.release
+	$(PY) -m flows.release $(if $(TARGET),--target $(TARGET)) $(if $(PORT),--port $(PORT)) $(ARGS)
+
+# @previous becomes @champion again (run twice to undo); restarts the local server on it.
+rollback: install
+	$(PY) -m flows.rollback
+
+# Stop the local server that `make release` started (by the PID in .onnxship/local-server.json).
+stop-server:
+	$(PY) -m flows.local stop
+
+# The Prefect cycle (prefect.yaml): a server, the deployments, a worker, a run.
+PREFECT := $(VENV)/bin/prefect
+PREFECT_PORT ?= 4200
+prefect-%: export PREFECT_API_URL ?= http://127.0.0.1:$(PREFECT_PORT)/api
+
+prefect-server: install
+	$(PREFECT) server start --host 127.0.0.1 --port $(PREFECT_PORT)
+
+prefect-deploy: install
+	$(PREFECT) work-pool inspect onnxship >/dev/null 2>&1 || $(PREFECT) work-pool create onnxship --type process
+	PWD=$(CURDIR) $(PREFECT) deploy --all --no-prompt
+
+prefect-worker: install
+	$(PREFECT) worker start --pool onnxship
+
+prefect-run: install
+	$(PREFECT) deployment run 'release/$(or $(TARGET),local)' $(if $(PARAMS),--params '$(PARAMS)')
+
+# Stage (and preflight) the Cerebrium bundle of ARTIFACT without deploying it.
+cerebrium-bundle: install
+	$(PY) -m flows.cerebrium preflight $(or $(ARTIFACT),models/model.onnx)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -28,7 +27,21 @@ def images_dir() -> Path:
 @pytest.fixture(scope="session")
 def default_artifact(tmp_path_factory) -> Path:
     """The bundled default model exported once per test session (EfficientNet-Lite0)."""
-    # TEMPORARY until flows.export lands: FOUNDATION replaces this body with the real export.
+    from flows.export import export_onnx
+    from flows.models import DEFAULT_ARCH, load_model
+    from flows.simplify import simplify_onnx
+
     target = tmp_path_factory.mktemp("artifact") / "model.onnx"
-    shutil.copy("/work/dev/effnet.onnx", target)
+    export_onnx(load_model(DEFAULT_ARCH), target)
+    result = simplify_onnx(target)
+    assert result.simplified, f"onnxsim failed on the default model: {result.error}"
     return target
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """The one Prefect test harness of the session (a temporary API + database, ~15 s)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

@@ -1,0 +1,220 @@
+"""Latency benchmark, in-process: ONNX Runtime on the artifact as deployed, plus PyTorch eager.
+
+For every batch size: ORT with decode excluded (already-decoded uint8 tensors), ORT with decode
+included (JPEG/PNG bytes -> serving.images.load_image -> ORT, what the server does per request),
+and PyTorch eager on the same tensors (same normalisation, float32). Latency is per call (one
+batch); throughput is images per second. A PNG plot shows both against batch size.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+ENGINE_ORT = "onnxruntime"
+ENGINE_ORT_DECODE = "onnxruntime+decode"
+ENGINE_TORCH = "pytorch"
+MIN_CALLS = 5
+
+Progress = Callable[[str, float], None]  # (what, fraction done 0..1)
+
+
+@dataclass(frozen=True)
+class LatencyRow:
+    engine: str
+    batch_size: int
+    calls: int
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    throughput: float  # images / second
+
+    @property
+    def key(self) -> str:
+        return {ENGINE_ORT: "ort", ENGINE_ORT_DECODE: "ort_decode", ENGINE_TORCH: "torch"}[self.engine] + f"_b{self.batch_size}"
+
+
+@dataclass
+class BenchmarkResult:
+    rows: list[LatencyRow]
+    providers: list[str]
+    threads: int | None
+    seconds: float
+
+    def row(self, engine: str, batch_size: int) -> LatencyRow | None:
+        return next((r for r in self.rows if r.engine == engine and r.batch_size == batch_size), None)
+
+    def metrics(self) -> dict[str, float]:
+        """Flat MLflow metrics with stable keys: ort_b1_p95_ms, ort_decode_b4_throughput, ..."""
+        out: dict[str, float] = {}
+        for row in self.rows:
+            out[f"{row.key}_p50_ms"] = row.p50_ms
+            out[f"{row.key}_p95_ms"] = row.p95_ms
+            out[f"{row.key}_p99_ms"] = row.p99_ms
+            out[f"{row.key}_throughput"] = row.throughput
+        return out
+
+    def to_dict(self) -> dict:
+        return {"rows": [asdict(r) for r in self.rows], "providers": self.providers, "threads": self.threads,
+                "seconds": self.seconds}
+
+
+def time_calls(call: Callable[[], object], duration_s: float, warmup_calls: int = 1, min_calls: int = MIN_CALLS) -> list[float]:
+    """Run `call` for about `duration_s` seconds (at least `min_calls` times); per-call seconds."""
+    for _ in range(warmup_calls):
+        call()
+    timings: list[float] = []
+    deadline = time.perf_counter() + duration_s
+    while len(timings) < min_calls or time.perf_counter() < deadline:
+        start = time.perf_counter()
+        call()
+        timings.append(time.perf_counter() - start)
+    return timings
+
+
+def summarise(engine: str, batch_size: int, timings: Sequence[float]) -> LatencyRow:
+    ms = np.asarray(timings) * 1000.0
+    p50, p95, p99 = (float(v) for v in np.percentile(ms, [50, 95, 99]))
+    return LatencyRow(engine, batch_size, len(timings), round(p50, 3), round(p95, 3), round(p99, 3),
+                      round(batch_size / (p50 / 1000.0), 2))
+
+
+def take(items: Sequence, count: int) -> list:
+    return list(itertools.islice(itertools.cycle(items), count))
+
+
+def benchmark_artifact(
+    artifact_path: Path,
+    image_paths: Sequence[Path],
+    batch_sizes: Sequence[int] = (1, 4, 8),
+    duration_s: float = 2.0,
+    warmup_calls: int = 2,
+    threads: int | None = None,
+    torch_module=None,
+    progress: Progress | None = None,
+) -> BenchmarkResult:
+    """Benchmark ORT (decode excluded and included) and, if given, the PyTorch module."""
+    from serving.images import load_image
+    from serving.runtime import Classifier
+
+    started = time.perf_counter()
+    classifier = Classifier(artifact_path, device="cpu", intra_op_threads=threads)
+    meta = classifier.metadata
+    encoded = [Path(p).read_bytes() for p in image_paths]
+    if not encoded:
+        raise ValueError("benchmark needs at least one image")
+    decoded = [classifier.load_input(data) for data in encoded]
+    steps = len(batch_sizes) * (3 if torch_module is not None else 2)
+    done = 0
+    rows: list[LatencyRow] = []
+
+    def report(what: str) -> None:
+        nonlocal done
+        done += 1
+        if progress:
+            progress(what, done / steps)
+
+    for batch_size in batch_sizes:
+        batch = np.stack(take(decoded, batch_size))
+        rows.append(summarise(ENGINE_ORT, batch_size, time_calls(lambda: classifier.predict(batch), duration_s, warmup_calls)))
+        report(f"onnxruntime b{batch_size}")
+        bodies = take(encoded, batch_size)
+
+        def decode_and_predict() -> None:
+            images = [load_image(body, meta.input_size, meta.resize_policy) for body in bodies]
+            classifier.predict(np.stack(images))
+
+        rows.append(summarise(ENGINE_ORT_DECODE, batch_size, time_calls(decode_and_predict, duration_s, warmup_calls)))
+        report(f"onnxruntime+decode b{batch_size}")
+    if torch_module is not None:
+        for batch_size in batch_sizes:
+            rows.append(benchmark_torch(torch_module, np.stack(take(decoded, batch_size)), meta.mean, meta.std,
+                                        duration_s, warmup_calls))
+            report(f"pytorch b{batch_size}")
+    return BenchmarkResult(rows=rows, providers=list(classifier.providers), threads=threads,
+                           seconds=round(time.perf_counter() - started, 2))
+
+
+def benchmark_torch(module, batch_uint8: np.ndarray, mean, std, duration_s: float, warmup_calls: int) -> LatencyRow:
+    """PyTorch eager on the same uint8 NHWC batch, normalised the way the graph does it."""
+    import torch
+
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    images = torch.from_numpy(batch_uint8)
+
+    def call() -> None:
+        with torch.inference_mode():
+            x = images.permute(0, 3, 1, 2).float().div(255.0)
+            module((x - mean_t) / std_t)
+
+    return summarise(ENGINE_TORCH, batch_uint8.shape[0], time_calls(call, duration_s, warmup_calls))
+
+
+def compare_latency(
+    candidate: Path,
+    champion: Path,
+    image_paths: Sequence[Path],
+    batch_size: int = 1,
+    duration_s: float = 1.0,
+    rounds: int = 3,
+    threads: int | None = None,
+) -> tuple[float, float]:
+    """p95 (ms, decode included) of candidate and champion, measured interleaved in this process.
+
+    Alternating short rounds (A B A B ...) spreads machine noise evenly over both models, so the
+    comparison is fair on a shared machine.
+    """
+    from serving.images import load_image
+    from serving.runtime import Classifier
+
+    models = [Classifier(candidate, device="cpu", intra_op_threads=threads),
+              Classifier(champion, device="cpu", intra_op_threads=threads)]
+    bodies = take([Path(p).read_bytes() for p in image_paths], batch_size)
+    timings: list[list[float]] = [[], []]
+    for _ in range(rounds):
+        for index, model in enumerate(models):
+            meta = model.metadata
+
+            def call(model=model, meta=meta) -> None:
+                model.predict(np.stack([load_image(b, meta.input_size, meta.resize_policy) for b in bodies]))
+
+            timings[index].extend(time_calls(call, duration_s / rounds, warmup_calls=1))
+    cand, champ = (float(np.percentile(np.asarray(t) * 1000.0, 95)) for t in timings)
+    return round(cand, 3), round(champ, 3)
+
+
+def plot_benchmark(result: BenchmarkResult, path: Path, title: str = "") -> Path:
+    """Throughput and p50/p95 latency vs batch size, one line per engine (PNG, matplotlib Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for engine in (ENGINE_ORT, ENGINE_ORT_DECODE, ENGINE_TORCH):
+        rows = sorted((r for r in result.rows if r.engine == engine), key=lambda r: r.batch_size)
+        if not rows:
+            continue
+        sizes = [r.batch_size for r in rows]
+        left.plot(sizes, [r.throughput for r in rows], marker="o", label=engine)
+        line, = right.plot(sizes, [r.p50_ms for r in rows], marker="o", label=f"{engine} p50")
+        right.plot(sizes, [r.p95_ms for r in rows], marker="x", linestyle="--", color=line.get_color(),
+                   label=f"{engine} p95")
+    left.set(xlabel="batch size", ylabel="images / s", title="throughput")
+    right.set(xlabel="batch size", ylabel="ms per call", title="latency")
+    for axis in (left, right):
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    fig.suptitle(title or "onnxship benchmark")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,149 @@
+"""The validation gate: thresholds, plus no regression against the current champion.
+
+The champion's figures are measured here, in the same process and the same run as the
+candidate's (same images, same machine, interleaved latency rounds), never read back from an old
+run that ran on another machine or under another load.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from flows.params import GateThresholds, ParitySettings
+
+PASS, FAIL = "pass", "fail"
+
+
+@dataclass(frozen=True)
+class CandidateFigures:
+    top1_agreement: float  # PyTorch vs ONNX on the reference images
+    max_prob_diff: float
+    accuracy: float  # top-1 on reference images with an expected class
+    accuracy_correct: int
+    accuracy_total: int
+    p95_ms: float  # ORT batch 1, decode included
+
+
+@dataclass(frozen=True)
+class ChampionComparison:
+    champion_version: str
+    champion_accuracy: float
+    candidate_accuracy: float
+    champion_p95_ms: float
+    candidate_p95_ms: float
+
+    @property
+    def latency_change_pct(self) -> float:
+        if self.champion_p95_ms <= 0:
+            return 0.0
+        return 100.0 * (self.candidate_p95_ms - self.champion_p95_ms) / self.champion_p95_ms
+
+
+@dataclass
+class GateVerdict:
+    passed: bool
+    reasons: list[str] = field(default_factory=list)  # one line per check, "ok: ..." or "FAIL: ..."
+    comparison: ChampionComparison | None = None
+
+    @property
+    def verdict(self) -> str:
+        return PASS if self.passed else FAIL
+
+    @property
+    def failures(self) -> list[str]:
+        return [r for r in self.reasons if r.startswith("FAIL")]
+
+    def summary(self) -> str:
+        head = "PASS" if self.passed else "FAIL"
+        return f"{head}: " + ("; ".join(self.failures) if self.failures else "all checks passed")
+
+    def tags(self) -> dict[str, str]:
+        tags = {"gate.verdict": self.verdict, "gate.reasons": "\n".join(self.reasons)}
+        if self.comparison:
+            tags["gate.compared_with"] = self.comparison.champion_version
+        return tags
+
+    def metrics(self) -> dict[str, float]:
+        """Same keys on every release (NaN when there was no champion to compare with)."""
+        nan = float("nan")
+        out = {"gate_passed": 1.0 if self.passed else 0.0, "gate_champion_accuracy": nan,
+               "gate_champion_p95_ms": nan, "gate_candidate_p95_ms": nan, "gate_latency_change_pct": nan}
+        if self.comparison:
+            c = self.comparison
+            out.update(gate_champion_accuracy=c.champion_accuracy, gate_champion_p95_ms=c.champion_p95_ms,
+                       gate_candidate_p95_ms=c.candidate_p95_ms, gate_latency_change_pct=round(c.latency_change_pct, 2))
+        return out
+
+    def to_dict(self) -> dict:
+        return {"passed": self.passed, "verdict": self.verdict, "reasons": self.reasons,
+                "comparison": asdict(self.comparison) if self.comparison else None}
+
+
+def check(ok: bool, text: str) -> str:
+    return ("ok: " if ok else "FAIL: ") + text
+
+
+def evaluate_gate(
+    figures: CandidateFigures,
+    thresholds: GateThresholds,
+    parity: ParitySettings,
+    comparison: ChampionComparison | None = None,
+) -> GateVerdict:
+    """Apply every threshold; the reasons read as a checklist, failures first."""
+    reasons = [
+        check(figures.top1_agreement >= parity.min_top1_agreement,
+              f"parity top-1 agreement {figures.top1_agreement:.1%} (min {parity.min_top1_agreement:.1%})"),
+        check(figures.max_prob_diff <= parity.max_prob_diff,
+              f"parity max prob diff {figures.max_prob_diff:.2e} (max {parity.max_prob_diff:.0e})"),
+        check(figures.accuracy >= thresholds.min_accuracy,
+              f"reference accuracy {figures.accuracy_correct}/{figures.accuracy_total} = {figures.accuracy:.1%} "
+              f"(min {thresholds.min_accuracy:.1%})"),
+        check(figures.p95_ms <= thresholds.max_p95_latency_ms,
+              f"p95 latency {figures.p95_ms:.1f} ms, batch 1, decode included (max {thresholds.max_p95_latency_ms:g} ms)"),
+    ]
+    if comparison is None:
+        reasons.append("ok: no champion yet: nothing to regress against")
+    else:
+        drop = comparison.champion_accuracy - comparison.candidate_accuracy
+        reasons.append(check(
+            drop <= thresholds.max_accuracy_drop + 1e-9,
+            f"accuracy vs champion v{comparison.champion_version}: {comparison.candidate_accuracy:.1%} vs "
+            f"{comparison.champion_accuracy:.1%} (max drop {thresholds.max_accuracy_drop:.1%})",
+        ))
+        change = comparison.latency_change_pct
+        reasons.append(check(
+            change <= thresholds.max_latency_regression_pct,
+            f"p95 vs champion v{comparison.champion_version}, same run: {comparison.candidate_p95_ms:.1f} ms vs "
+            f"{comparison.champion_p95_ms:.1f} ms ({change:+.1f}%, max +{thresholds.max_latency_regression_pct:g}%)",
+        ))
+    reasons.sort(key=lambda r: not r.startswith("FAIL"))
+    return GateVerdict(passed=not any(r.startswith("FAIL") for r in reasons), reasons=reasons, comparison=comparison)
+
+
+def compare_with_champion(
+    candidate_path: Path,
+    champion_path: Path,
+    champion_version: str,
+    references: Sequence,
+    duration_s: float = 1.0,
+    rounds: int = 3,
+    threads: int | None = None,
+) -> ChampionComparison:
+    """Measure candidate and champion side by side: accuracy on the same references, interleaved p95."""
+    from flows.accuracy import measure_accuracy
+    from flows.benchmark import compare_latency
+
+    candidate_acc = measure_accuracy(candidate_path, references)
+    champion_acc = measure_accuracy(champion_path, references)
+    images = [ref.path for ref in references]
+    candidate_p95, champion_p95 = compare_latency(candidate_path, champion_path, images, batch_size=1,
+                                                  duration_s=duration_s, rounds=rounds, threads=threads)
+    return ChampionComparison(
+        champion_version=str(champion_version),
+        champion_accuracy=champion_acc.top1,
+        candidate_accuracy=candidate_acc.top1,
+        champion_p95_ms=champion_p95,
+        candidate_p95_ms=candidate_p95,
+    )

@@ -1,0 +1,249 @@
+"""The `local` deploy target: a real `python -m serving` process on 127.0.0.1:8192 (by default).
+
+The server is detached (its own session), so it outlives the release command. Its pid, URL, port,
+API key and model are recorded in `.onnxship/local-server.json`; `make stop-server` (this module's
+`stop` command) stops it by that PID. A new release replaces the server it recorded; a port held
+by anything else is an error.
+
+    python -m flows.local status
+    python -m flows.local stop
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from flows.deploy import DeployError, Endpoint
+
+if TYPE_CHECKING:
+    from flows.params import ReleaseParams
+
+STATE_FILE = "local-server.json"
+LOG_FILE = "local-server.log"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def state_path(state_dir: Path) -> Path:
+    return Path(state_dir) / STATE_FILE
+
+
+def read_state(state_dir: Path) -> dict | None:
+    path = state_path(state_dir)
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def write_state(state_dir: Path, state: dict) -> Path:
+    path = state_path(state_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2))
+    os.chmod(tmp, 0o600)  # it holds the API key
+    tmp.replace(path)
+    return path
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (our own exited child) is not alive
+        status = Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0]
+        return status != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def is_our_server(pid: int) -> bool:
+    """Guard against PID reuse: the process must still be `python -m serving`."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return pid_alive(pid)
+    return b"serving" in cmdline and b"-m" in cmdline
+
+
+def state_is_alive(state: dict) -> bool:
+    pid = int(state.get("pid") or 0)
+    return pid > 0 and pid_alive(pid) and is_our_server(pid)
+
+
+def resolve_api_key(previous: dict | None) -> tuple[str, str]:
+    """API_KEY from the environment, else the key the local server already used, else a new
+    random one. Returns (key, source): "env" | "state" | "generated"."""
+    if os.environ.get("API_KEY"):
+        return os.environ["API_KEY"], "env"
+    if previous and previous.get("api_key"):
+        return previous["api_key"], "state"
+    return secrets.token_urlsafe(24), "generated"
+
+
+def server_command(model_path: Path, params: ReleaseParams, model_name: str | None = None,
+                   version: str | None = None, run_id: str | None = None) -> list[str]:
+    from serving.artifact import file_sha256
+
+    s = params.server
+    command = [sys.executable, "-m", "serving", "--model", str(model_path), "--host", s.host, "--port", str(s.port),
+               "--device", s.device, "--expected-sha256", file_sha256(model_path)]
+    for flag, value in (("--workers", s.workers), ("--max-batch-size", s.max_batch_size),
+                        ("--batch-timeout", s.batch_timeout), ("--model-name", model_name),
+                        ("--model-version", version), ("--model-run-id", run_id)):
+        if value is not None:
+            command += [flag, str(value)]
+    return command
+
+
+def start_server(model_path: Path, params: ReleaseParams, api_key: str, log_path: Path,
+                 **identity: str | None) -> subprocess.Popen:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "API_KEY": api_key, "PYTHONUNBUFFERED": "1"}
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            server_command(model_path, params, **identity), cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+
+
+def wait_ready(process: subprocess.Popen, url: str, api_key: str, timeout_s: float, log_path: Path) -> None:
+    from serving.client import ClassifierClient
+
+    client = ClassifierClient(url, api_key=api_key, timeout=5.0)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise DeployError(f"local server exited with code {process.returncode} before it was ready; "
+                              f"log {log_path}:\n{tail(log_path)}")
+        try:
+            if client.ready():
+                return
+        except Exception:
+            pass
+        time.sleep(0.5)
+    stop_pid(process.pid)
+    raise DeployError(f"local server not ready after {timeout_s:g} s (stopped it); log {log_path}:\n{tail(log_path)}")
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def stop_pid(pid: int, timeout_s: float = 20.0) -> bool:
+    """Stop the server (its process group: LitServe's workers too) by PID. True if it was running."""
+    if not pid_alive(pid):
+        return False
+    for sig, wait in ((signal.SIGINT, timeout_s * 0.5), (signal.SIGTERM, timeout_s * 0.3), (signal.SIGKILL, timeout_s * 0.2)):
+        try:
+            os.killpg(pid, sig)  # the server was started in its own session: pgid == pid
+        except ProcessLookupError:
+            break
+        except PermissionError:
+            os.kill(pid, sig)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if not pid_alive(pid):
+                reap(pid)
+                return True
+            reap(pid)
+            time.sleep(0.1)
+    return True
+
+
+def reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def stop_server(state_dir: Path) -> dict | None:
+    """Stop the recorded local server (if running); returns its state. The record stays, without
+    a pid, so the next release reuses the API key and a scheduled smoke test reports the server down."""
+    state = read_state(state_dir)
+    if state is None:
+        return None
+    if state.get("pid") and state_is_alive(state):
+        stop_pid(int(state["pid"]))
+    if state.get("pid"):
+        write_state(state_dir, {**{k: v for k, v in state.items() if k != "pid"},
+                                "stopped_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    return state
+
+
+def deploy_local(artifact_path: Path, params: ReleaseParams, model_name: str | None = None,
+                 version: str | None = None, run_id: str | None = None, **_: object) -> Endpoint:
+    """Start (or replace) the local server on the registered artifact and wait until /ready."""
+    from flows.params import port_in_use
+
+    state_dir = Path(params.state_dir)
+    previous = read_state(state_dir)
+    api_key, key_source = resolve_api_key(previous)
+    if previous and state_is_alive(previous):
+        stop_server(state_dir)
+    host, port = params.server.host, params.server.port
+    if port_in_use(host, port):
+        raise DeployError(f"port {port} on {host} is in use by another process: stop it or choose server.port")
+    # keep the deployed file where the server can find it after the release's temp files are gone
+    deployed = state_dir / "deployed" / f"{model_name or 'model'}-v{version or 'dev'}.onnx"
+    deployed.parent.mkdir(parents=True, exist_ok=True)
+    if Path(artifact_path).resolve() != deployed.resolve():
+        deployed.write_bytes(Path(artifact_path).read_bytes())
+    log_path = state_dir / LOG_FILE
+    url = f"http://{host}:{port}"
+    process = start_server(deployed, params, api_key, log_path, model_name=model_name, version=version, run_id=run_id)
+    wait_ready(process, url, api_key, params.server.start_timeout_s, log_path)
+    state = {"pid": process.pid, "url": url, "host": host, "port": port, "api_key": api_key,
+             "model_name": model_name, "version": version, "model_path": str(deployed.resolve()),
+             "log": str(log_path.resolve()), "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    write_state(state_dir, state)
+    return Endpoint(
+        url=url, target="local", api_key=api_key,
+        details={"pid": process.pid, "log": str(log_path), "state_file": str(state_path(state_dir)),
+                 "api_key_source": key_source, "model_path": str(deployed)},
+        stop_hint="make stop-server" if state_dir == Path(".onnxship") else f"python -m flows.local stop --state-dir {state_dir}",
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.local", description="The local release server.")
+    parser.add_argument("command", choices=("stop", "status"))
+    parser.add_argument("--state-dir", type=Path, default=Path(".onnxship"))
+    args = parser.parse_args(argv)
+    state = read_state(args.state_dir)
+    if args.command == "status":
+        if state is None:
+            print("no local server recorded")
+            return 1
+        alive = state_is_alive(state)
+        print(f"{'running' if alive else 'NOT running'}: pid {state.get('pid', '-')} {state['url']} "
+              f"model {state.get('model_name')} v{state.get('version')}")
+        return 0 if alive else 1
+    if state is None:
+        print(f"no local server recorded in {state_path(args.state_dir)}: nothing to stop")
+        return 0
+    was_alive = state_is_alive(state)
+    stop_server(args.state_dir)
+    print(f"stopped local server pid {state['pid']} ({state['url']})" if was_alive
+          else f"the local server ({state['url']}) was not running")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

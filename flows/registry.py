@@ -1,0 +1,291 @@
+"""MLflow: one run per release, the ONNX artifact as a registered model version, aliases as roles.
+
+- Store: `MLFLOW_TRACKING_URI`, else `serving.model_uri.DEFAULT_TRACKING_URI`
+  (`sqlite:///mlruns/mlflow.db`); for a sqlite store the artifacts live in `artifacts/` next to the
+  database file (so everything stays inside `mlruns/`).
+- Aliases: `candidate` (set on registration), `champion` (what serves), `previous` (the champion
+  before it: `make rollback` swaps them). Every version carries `gate.verdict` / `gate.reasons` tags.
+- Aliases are read with `get_registered_model` / `get_model_version`: `search_model_versions`
+  returns versions without their aliases.
+- Every call takes the run id explicitly (Prefect tasks may run in other threads, where MLflow's
+  "active run" is not the one you think).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version as package_version
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from serving.artifact import file_sha256
+from serving.model_uri import DEFAULT_TRACKING_URI
+
+CANDIDATE, CHAMPION, PREVIOUS = "candidate", "champion", "previous"
+MODEL_ARTIFACT_NAME = "model"
+ONNX_FILE_NAME = "model.onnx"
+RUNTIME_REQUIREMENTS = ("onnxruntime", "numpy", "pillow")
+
+
+class RegistryError(RuntimeError):
+    """The MLflow store or registry refused an operation; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class RegisteredVersion:
+    name: str
+    version: str
+    run_id: str
+    experiment_id: str
+    model_uri: str  # models:/<name>/<version>
+    sha256: str
+
+
+def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
+    return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def sqlite_path(uri: str) -> Path | None:
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(unquote(uri[len("sqlite:///"):]))
+
+
+def local_store_paths(uri: str) -> list[Path]:
+    """Local paths a store writes (database file, artifact root); empty for remote stores."""
+    db = sqlite_path(uri)
+    if db is not None:
+        return [db, db.parent / "artifacts"]
+    parsed = urlparse(uri)
+    if parsed.scheme in ("", "file"):
+        return [Path(unquote(parsed.path))]
+    return []
+
+
+def artifact_location(uri: str) -> str | None:
+    """Where new experiments keep artifacts: `<db dir>/artifacts` for sqlite, server default otherwise."""
+    db = sqlite_path(uri)
+    if db is None:
+        return None
+    return (db.parent / "artifacts").absolute().as_uri()
+
+
+def connect(tracking_uri: str | None = None):
+    """Point MLflow at the store and return an MlflowClient bound to it."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    uri = resolve_tracking_uri(tracking_uri)
+    db = sqlite_path(uri)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def ensure_experiment(client, name: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = artifact_location(client.tracking_uri)
+    if location:
+        Path(urlparse(location).path).mkdir(parents=True, exist_ok=True)
+    return client.create_experiment(name, artifact_location=location)
+
+
+def git_commit(repo: Path | None = None) -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    if out.returncode != 0:
+        return "uncommitted"
+    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True, timeout=5)
+    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def pip_requirements() -> list[str]:
+    """What a consumer of the logged model needs: the ONNX runtime stack, pinned to what we ran."""
+    pins = []
+    for name in RUNTIME_REQUIREMENTS:
+        try:
+            pins.append(f"{name}=={package_version(name)}")
+        except PackageNotFoundError:
+            pins.append(name)
+    return pins
+
+
+def start_run(client, experiment_id: str, run_name: str, tags: dict[str, str]) -> str:
+    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+    return run.info.run_id
+
+
+def log_params(client, run_id: str, params: dict[str, object]) -> None:
+    from mlflow.entities import Param
+
+    client.log_batch(run_id, params=[Param(key, str(value)[:6000]) for key, value in params.items()])
+
+
+def log_metrics(client, run_id: str, metrics: dict[str, float]) -> None:
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    rows = [Metric(key, float(value), now, 0) for key, value in metrics.items() if value is not None]
+    if rows:
+        client.log_batch(run_id, metrics=rows)
+
+
+def end_run(client, run_id: str, status: str = "FINISHED") -> None:
+    client.set_terminated(run_id, status=status)
+
+
+def log_onnx_model(client, experiment_id: str, run_id: str, onnx_path: Path) -> str:
+    """Log the artifact with mlflow.onnx (single file, explicit pip requirements); return its model URI.
+
+    The logged model is created explicitly in the release's experiment: left to itself MLflow puts
+    it in the "active" experiment (Default, with artifacts in ./mlruns/0).
+    """
+    import mlflow.onnx
+    import onnx
+
+    model = onnx.load(str(onnx_path))
+    logged = client.create_logged_model(experiment_id=experiment_id, name=MODEL_ARTIFACT_NAME, source_run_id=run_id)
+    info = mlflow.onnx.log_model(
+        model,
+        name=MODEL_ARTIFACT_NAME,
+        run_id=run_id,
+        model_id=logged.model_id,
+        pip_requirements=pip_requirements(),
+        save_as_external_data=False,
+    )
+    return info.model_uri
+
+
+def register_version(client, name: str, model_uri: str, run_id: str, tags: dict[str, str]) -> str:
+    """Create (if needed) the registered model and a new version; set `candidate` on it."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name, description="onnxship image classifier (ONNX, preprocessing in-graph)")
+    version = client.create_model_version(name, source=model_uri, run_id=run_id, tags=tags)
+    try:
+        client.set_registered_model_alias(name, CANDIDATE, version.version)
+    except Exception:
+        client.delete_model_version(name, version.version)  # never leave a half-registered version
+        raise
+    return str(version.version)
+
+
+def aliases(client, name: str) -> dict[str, str]:
+    """alias -> version for a registered model ({} when the model does not exist yet)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException:
+        return {}
+    return {alias: str(version) for alias, version in (model.aliases or {}).items()}
+
+
+def alias_version(client, name: str, alias: str) -> str | None:
+    return aliases(client, name).get(alias)
+
+
+def version_aliases(client, name: str, version: str) -> list[str]:
+    return list(client.get_model_version(name, version).aliases or [])
+
+
+def tag_version(client, name: str, version: str, tags: dict[str, str]) -> None:
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, str(value)[:5000])
+
+
+def promote(client, name: str, version: str) -> str | None:
+    """Make `version` the champion; the old champion (if any, and different) becomes `previous`."""
+    old = alias_version(client, name, CHAMPION)
+    if old is not None and old != version:
+        client.set_registered_model_alias(name, PREVIOUS, old)
+    client.set_registered_model_alias(name, CHAMPION, version)
+    client.set_model_version_tag(name, version, "promoted", "true")
+    return old if old != version else None
+
+
+def rollback(client, name: str) -> tuple[str, str]:
+    """Swap `champion` and `previous` (run it again to undo). Returns (from_version, to_version)."""
+    current = alias_version(client, name, CHAMPION)
+    previous = alias_version(client, name, PREVIOUS)
+    if previous is None:
+        raise RegistryError(
+            f"model {name!r} has no @previous version to roll back to "
+            f"(champion: {current or 'none'}); a rollback needs two promoted releases"
+        )
+    client.set_registered_model_alias(name, CHAMPION, previous)
+    if current is not None:
+        client.set_registered_model_alias(name, PREVIOUS, current)
+        client.set_model_version_tag(name, current, "rolled_back", "true")
+    return current or "none", previous
+
+
+def version_info(client, name: str, version: str) -> dict:
+    mv = client.get_model_version(name, version)
+    return {"version": str(mv.version), "run_id": mv.run_id, "source": mv.source, "tags": dict(mv.tags or {}),
+            "aliases": list(mv.aliases or [])}
+
+
+def download_version(client, name: str, version: str, dest_dir: Path) -> Path:
+    """Download a version's ONNX file to `dest_dir/model.onnx` and return the path."""
+    import mlflow.artifacts
+
+    dest_dir = Path(dest_dir)
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest_dir) as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{name}/{version}", dst_path=tmp, tracking_uri=client.tracking_uri
+        ))
+        candidates = sorted(local.rglob("*.onnx")) if local.is_dir() else [local]
+        if not candidates:
+            raise RegistryError(f"models:/{name}/{version} holds no .onnx file")
+        target = dest_dir / ONNX_FILE_NAME
+        shutil.move(str(candidates[0]), target)
+    return target
+
+
+def register_release(
+    client, name: str, experiment_id: str, run_id: str, onnx_path: Path, tags: dict[str, str]
+) -> RegisteredVersion:
+    """Log the ONNX model to the run and register it; `candidate` points at the new version."""
+    model_uri = log_onnx_model(client, experiment_id, run_id, onnx_path)
+    version = register_version(client, name, model_uri, run_id, tags)
+    return RegisteredVersion(
+        name=name, version=version, run_id=run_id, experiment_id=experiment_id,
+        model_uri=f"models:/{name}/{version}", sha256=file_sha256(onnx_path),
+    )
+
+
+def run_link(client, experiment_id: str, run_id: str) -> str:
+    """A browser link to the run: the tracking server itself, or `mlflow ui`'s default address."""
+    uri = client.tracking_uri
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def ui_command(tracking_uri: str) -> str:
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"open {tracking_uri}"
+    return f".venv/bin/mlflow ui --backend-store-uri {tracking_uri}"
+
+
+def dumps(value: object) -> str:
+    return json.dumps(value, indent=2, sort_keys=True, default=str)

@@ -1,0 +1,152 @@
+"""What a person reads: the release's markdown artifact (Prefect UI, MLflow run) and the console
+summary. Built from a `ReleaseSummary`, filled in stage by stage by flows/release.py."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from flows.benchmark import ENGINE_ORT, ENGINE_ORT_DECODE, ENGINE_TORCH
+
+
+@dataclass
+class ReleaseSummary:
+    model_name: str
+    target: str
+    tracking_uri: str
+    outcome: str = "running"  # champion | rejected | failed
+    failed_stage: str | None = None
+    error: str | None = None
+    version: str | None = None
+    run_id: str | None = None
+    run_link: str | None = None
+    experiment_id: str | None = None
+    previous_champion: str | None = None
+    verdict: str | None = None  # pass | fail
+    reasons: list[str] = field(default_factory=list)
+    parity: dict | None = None
+    accuracy: dict | None = None
+    benchmark: dict | None = None
+    nodes: tuple[int, int] | None = None
+    simplify_error: str | None = None
+    endpoint_url: str | None = None
+    api_key: str | None = None  # shown on the console only when generated, never in artifacts
+    api_key_source: str | None = None  # env | state | generated (local target)
+    state_file: str | None = None
+    stop_hint: str | None = None
+    smoke: dict | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    plot_path: str | None = None
+
+    @property
+    def title(self) -> str:
+        version = f" v{self.version}" if self.version else ""
+        status = {"champion": "PROMOTED to @champion", "rejected": "REJECTED by the gate",
+                  "failed": f"FAILED at {self.failed_stage}"}.get(self.outcome, self.outcome)
+        return f"{self.model_name}{version}: {status}"
+
+
+def pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+def latency_table(benchmark: dict) -> list[str]:
+    rows = benchmark.get("rows", [])
+    by = {(r["engine"], r["batch_size"]): r for r in rows}
+    lines = ["| batch | ORT p50 / p95 / p99 ms | ORT img/s | ORT+decode p50 / p95 ms | ORT+decode img/s "
+             "| PyTorch p50 ms | PyTorch img/s |", "|---:|---|---:|---|---:|---:|---:|"]
+    for size in sorted({r["batch_size"] for r in rows}):
+        ort, dec, pt = by.get((ENGINE_ORT, size)), by.get((ENGINE_ORT_DECODE, size)), by.get((ENGINE_TORCH, size))
+        cells = [str(size)]
+        cells += [f"{ort['p50_ms']:.1f} / {ort['p95_ms']:.1f} / {ort['p99_ms']:.1f}", f"{ort['throughput']:.0f}"] if ort else ["-", "-"]
+        cells += [f"{dec['p50_ms']:.1f} / {dec['p95_ms']:.1f}", f"{dec['throughput']:.0f}"] if dec else ["-", "-"]
+        cells += [f"{pt['p50_ms']:.1f}", f"{pt['throughput']:.0f}"] if pt else ["-", "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def build_markdown(s: ReleaseSummary) -> str:
+    icon = {"champion": "✅", "rejected": "⛔", "failed": "❌"}.get(s.outcome, "⏳")
+    lines = [f"# {icon} {s.title}", ""]
+    verdict = (s.verdict or "not reached").upper()
+    failures = [r for r in s.reasons if r.startswith("FAIL")]
+    lines.append(f"**Gate: {verdict}**" + (f" — {'; '.join(f[6:] for f in failures)}" if failures else ""))
+    if s.error:
+        lines += ["", f"**Error ({s.failed_stage}):** {s.error}"]
+    lines += ["", "| | |", "|---|---|"]
+    lines.append(f"| endpoint | {s.endpoint_url or 'not deployed'} ({s.target}) |")
+    if s.smoke:
+        m = s.smoke.get("metrics", {})
+        lines.append(f"| smoke test | {'passed' if s.smoke.get('passed') else 'FAILED'}, {int(m.get('smoke_images', 0))} images, "
+                     f"max {m.get('smoke_latency_max_s', 0) * 1000:.0f} ms |")
+    lines.append(f"| MLflow run | {f'[{s.run_id[:8]}]({s.run_link})' if s.run_id else '-'} |")
+    lines.append(f"| previous champion | {('v' + s.previous_champion) if s.previous_champion else 'none'} |")
+    if s.accuracy:
+        lines.append(f"| reference accuracy | {s.accuracy['correct']}/{s.accuracy['total']} top-1 ({pct(s.accuracy['top1'])}) |")
+    if s.nodes:
+        extra = f" (onnxsim failed: {s.simplify_error})" if s.simplify_error else ""
+        lines.append(f"| graph nodes | {s.nodes[0]} -> {s.nodes[1]}{extra} |")
+    if s.reasons:
+        lines += ["", "### Gate checks", ""] + [f"- {r}" for r in s.reasons]
+    if s.parity:
+        p = s.parity
+        lines += ["", f"### Parity: PyTorch vs ONNX Runtime ({p['images']} images, batch sizes "
+                      f"{', '.join(map(str, p['batch_sizes']))})", "",
+                  "| top-1 agreement | top-5 agreement | max abs prob diff | max abs logit diff |", "|---|---|---|---|",
+                  f"| {pct(p['top1_agreement'])} | {pct(p['top5_agreement'])} | {p['max_abs_prob_diff']:.2e} | {p['max_abs_logit_diff']:.2e} |"]
+    if s.benchmark and s.benchmark.get("rows"):
+        lines += ["", f"### Latency per call, in-process ({', '.join(s.benchmark.get('providers', []))})", ""]
+        lines += latency_table(s.benchmark)
+    if s.timings:
+        lines += ["", "Stages: " + " · ".join(f"{name} {sec:.1f} s" for name, sec in s.timings.items())]
+    return "\n".join(lines) + "\n"
+
+
+def build_console(s: ReleaseSummary, prefect_ui: str | None) -> str:
+    from flows.registry import ui_command
+
+    bar = "=" * 78
+    lines = [bar, f" onnxship release · {s.title}", bar]
+    lines.append(f" verdict    {(s.verdict or 'not reached').upper()}")
+    for reason in s.reasons:
+        lines.append(f"            {reason}")
+    if s.error:
+        lines.append(f" error      [{s.failed_stage}] {s.error}")
+    figures = []
+    if s.parity:
+        figures.append(f"parity top-1 {pct(s.parity['top1_agreement'])}, max prob diff {s.parity['max_abs_prob_diff']:.1e}")
+    if s.accuracy:
+        figures.append(f"reference accuracy {s.accuracy['correct']}/{s.accuracy['total']}")
+    if s.benchmark:
+        rows = {(r["engine"], r["batch_size"]): r for r in s.benchmark.get("rows", [])}
+        b1, b1d = rows.get((ENGINE_ORT, 1)), rows.get((ENGINE_ORT_DECODE, 1))
+        if b1 and b1d:
+            figures.append(f"ORT batch-1 p50/p95 {b1['p50_ms']:.1f}/{b1['p95_ms']:.1f} ms "
+                           f"(with decode {b1d['p50_ms']:.1f}/{b1d['p95_ms']:.1f} ms)")
+        best = max((r for r in s.benchmark.get("rows", []) if r["engine"] == ENGINE_ORT), key=lambda r: r["throughput"], default=None)
+        if best:
+            figures.append(f"best ORT throughput {best['throughput']:.0f} img/s at batch {best['batch_size']}")
+    for index, figure in enumerate(figures):
+        lines.append(f" {'figures' if index == 0 else '':10} {figure}")
+    if s.endpoint_url:
+        lines.append(f" endpoint   {s.endpoint_url}  ({s.target})")
+        if s.api_key and s.api_key_source == "generated":
+            lines.append(f" api key    {s.api_key}   (generated, kept in {s.state_file}; export API_KEY=... to choose your own)")
+        elif s.api_key_source == "state":
+            lines.append(f" api key    the one in {s.state_file} (reused)")
+        key = "$API_KEY" if s.api_key_source not in ("generated", "state") else s.api_key
+        lines.append(f" try it     .venv/bin/python scripts/test_server.py --url {s.endpoint_url} --api-key {key} "
+                     "--images data/images/chelsea.png")
+    if s.run_link:
+        lines.append(f" MLflow     {ui_command(s.tracking_uri)}")
+        lines.append(f"            then open {s.run_link}")
+    if prefect_ui:
+        lines.append(f" Prefect    {prefect_ui}")
+    else:
+        lines.append(" Prefect    this run used a temporary Prefect API; to keep runs and the markdown artifact:")
+        lines.append("            make prefect-server   # then: export PREFECT_API_URL=http://127.0.0.1:4200/api")
+    if s.stop_hint:
+        lines.append(f" stop       {s.stop_hint}")
+    if s.timings:
+        lines.append(" stages     " + " · ".join(f"{n} {t:.1f}s" for n, t in s.timings.items()))
+    lines.append(bar)
+    return "\n".join(lines)

@@ -1,0 +1,186 @@
+"""Server configuration: one dataclass, filled from the command line with environment fallbacks.
+
+Every flag of `python -m serving` has an environment variable (the platform-friendly way to
+configure a container). Precedence: command line > environment > default. `None` for workers,
+batching and threads means "pick for the device" (see `ServerConfig.resolved`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import asdict, dataclass, field, replace
+
+from serving.runtime import DEVICES, cpu_count
+
+DEFAULT_PORT = 8192  # the seed's port
+DEFAULT_MAX_PAYLOAD_BYTES = 20 * 1024 * 1024
+DEFAULT_MAX_IMAGES_PER_REQUEST = 32
+
+# Tuned on a 2-core CPU (docs/readme/20-serving.md, "CPU tuning"): one single-threaded ORT
+# session per core, small greedy batches (batching barely helps a CPU; it mostly must not hurt).
+CPU_DEFAULTS = {"max_batch_size": 4, "batch_timeout": 0.0}
+GPU_DEFAULTS = {"workers": 1, "max_batch_size": 32, "batch_timeout": 0.005}
+
+ENV = {  # field -> environment variable
+    "model": "ONNXSHIP_MODEL",
+    "host": "ONNXSHIP_HOST",
+    "port": "ONNXSHIP_PORT",
+    "workers": "ONNXSHIP_WORKERS",
+    "max_batch_size": "ONNXSHIP_MAX_BATCH_SIZE",
+    "batch_timeout": "ONNXSHIP_BATCH_TIMEOUT",
+    "device": "ONNXSHIP_DEVICE",
+    "intra_op_threads": "ONNXSHIP_INTRA_OP_THREADS",
+    "api_servers": "ONNXSHIP_API_SERVERS",
+    "tensorrt": "ONNXSHIP_TENSORRT",
+    "no_auth": "ONNXSHIP_NO_AUTH",
+    "api_key": "API_KEY",  # the seed's variable
+    "expected_sha256": "ONNXSHIP_EXPECTED_SHA256",
+    "max_payload_bytes": "ONNXSHIP_MAX_PAYLOAD_BYTES",
+    "max_images_per_request": "ONNXSHIP_MAX_IMAGES_PER_REQUEST",
+    "model_name": "ONNXSHIP_MODEL_NAME",
+    "model_version": "ONNXSHIP_MODEL_VERSION",
+    "model_run_id": "ONNXSHIP_MODEL_RUN_ID",
+    "log_level": "ONNXSHIP_LOG_LEVEL",
+}
+ENV_ALIASES = {"expected_sha256": ("MODEL_SHA256",)}
+
+
+class ConfigError(ValueError):
+    """A setting is missing or invalid; the message names the flag and the environment variable."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model: str = ""
+    host: str = "0.0.0.0"
+    port: int = DEFAULT_PORT
+    workers: int | None = None
+    max_batch_size: int | None = None
+    batch_timeout: float | None = None
+    device: str = "auto"
+    intra_op_threads: int | None = None
+    api_servers: int | None = None
+    tensorrt: bool = False
+    api_key: str | None = field(default=None, repr=False)  # never printed
+    no_auth: bool = False
+    expected_sha256: str | None = None
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
+    max_images_per_request: int = DEFAULT_MAX_IMAGES_PER_REQUEST
+    model_name: str | None = None
+    model_version: str | None = None
+    model_run_id: str | None = None
+    log_level: str = "info"
+
+    def validate(self) -> ServerConfig:
+        if not self.model:
+            raise ConfigError("no model: pass --model PATH|models:/name@alias or set ONNXSHIP_MODEL")
+        if self.device not in DEVICES:
+            raise ConfigError(f"--device {self.device!r}: expected one of {', '.join(DEVICES)}")
+        if not 1 <= self.port <= 65535:
+            raise ConfigError(f"--port {self.port}: expected 1..65535")
+        for name in ("workers", "max_batch_size", "intra_op_threads", "api_servers"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} {value}: must be >= 1 ({ENV[name]})")
+        if self.batch_timeout is not None and self.batch_timeout < 0:
+            raise ConfigError(f"--batch-timeout {self.batch_timeout}: must be >= 0 seconds")
+        if self.max_payload_bytes < 1024:
+            raise ConfigError(f"--max-payload-bytes {self.max_payload_bytes}: must be at least 1024")
+        if not self.no_auth and not self.api_key:
+            raise ConfigError(
+                "refusing to start without authentication: set API_KEY (clients send it as "
+                "'X-API-Key: <key>' or 'Authorization: Bearer <key>'), or pass --no-auth explicitly "
+                "to serve without a key (local experiments only)"
+            )
+        if self.expected_sha256 is not None and len(self.expected_sha256) != 64:
+            raise ConfigError(f"--expected-sha256: expected 64 hex digits, got {self.expected_sha256!r}")
+        return self
+
+    def resolved(self, device: str) -> ServerConfig:
+        """Fill the `None` performance settings for the resolved device ("cpu" or "cuda")."""
+        defaults = GPU_DEFAULTS if device == "cuda" else {**CPU_DEFAULTS, "workers": cpu_count()}
+        workers = self.workers or defaults["workers"]
+        threads = self.intra_op_threads
+        if threads is None and device == "cpu":
+            threads = max(1, cpu_count() // workers)
+        return replace(
+            self,
+            workers=workers,
+            max_batch_size=self.max_batch_size or defaults["max_batch_size"],
+            batch_timeout=defaults["batch_timeout"] if self.batch_timeout is None else self.batch_timeout,
+            intra_op_threads=threads,
+            api_servers=self.api_servers or workers,
+        )
+
+    def public(self) -> dict:
+        """The settings safe to show (no key)."""
+        data = asdict(self)
+        data.pop("api_key")
+        return data
+
+
+def _parse_bool(value: str) -> bool:
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+def from_env(environ: dict | None = None) -> dict:
+    """Settings found in the environment, converted to the field types."""
+    environ = os.environ if environ is None else environ
+    types = {"port": int, "workers": int, "max_batch_size": int, "intra_op_threads": int, "api_servers": int,
+             "batch_timeout": float, "max_payload_bytes": int, "max_images_per_request": int,
+             "no_auth": _parse_bool, "tensorrt": _parse_bool}
+    found = {}
+    for name, variable in ENV.items():
+        for candidate in (variable, *ENV_ALIASES.get(name, ())):
+            raw = environ.get(candidate)
+            if raw is not None and raw != "":
+                try:
+                    found[name] = types.get(name, str)(raw)
+                except ValueError:
+                    raise ConfigError(f"{candidate}={raw!r}: not a valid {name.replace('_', ' ')}") from None
+                break
+    return found
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m serving",
+        description="Serve an onnxship ONNX artifact over HTTP with LitServe (dynamic batching, API-key auth).",
+        epilog="Every flag has an environment variable (shown in brackets); API_KEY holds the key.",
+    )
+    add = parser.add_argument
+    add("--model", help="path to model.onnx or a registry URI models:/<name>@<alias> [ONNXSHIP_MODEL]")
+    add("--host", help="interface to bind (default 0.0.0.0) [ONNXSHIP_HOST]")
+    add("--port", type=int, help=f"port (default {DEFAULT_PORT}) [ONNXSHIP_PORT]")
+    add("--workers", type=int, help="inference worker processes, one model copy each "
+        "(default: one per CPU core, one per GPU) [ONNXSHIP_WORKERS]")
+    add("--max-batch-size", type=int,
+        help="most images per inference call (default cpu 4, gpu 32) [ONNXSHIP_MAX_BATCH_SIZE]")
+    add("--batch-timeout", type=float, help="seconds a worker waits to fill a batch after the first "
+        "request (default cpu 0, gpu 0.005) [ONNXSHIP_BATCH_TIMEOUT]")
+    add("--device", choices=DEVICES, help="auto (GPU when available), cpu or cuda [ONNXSHIP_DEVICE]")
+    add("--intra-op-threads", type=int, help="ONNX Runtime threads per worker (default cores/workers) "
+        "[ONNXSHIP_INTRA_OP_THREADS]")
+    add("--api-servers", type=int, help="HTTP server processes (default = workers) [ONNXSHIP_API_SERVERS]")
+    add("--tensorrt", action="store_true", default=None, help="try TensorRT before CUDA [ONNXSHIP_TENSORRT]")
+    add("--no-auth", action="store_true", default=None, help="serve without API key (loudly) [ONNXSHIP_NO_AUTH]")
+    add("--expected-sha256", help="refuse to start unless the model file has this sha256 "
+        "[ONNXSHIP_EXPECTED_SHA256 or MODEL_SHA256]")
+    add("--max-payload-bytes", type=int, help=f"largest request body (default {DEFAULT_MAX_PAYLOAD_BYTES}) "
+        "[ONNXSHIP_MAX_PAYLOAD_BYTES]")
+    add("--max-images-per-request", type=int, help=f"most images in one request (default "
+        f"{DEFAULT_MAX_IMAGES_PER_REQUEST}) [ONNXSHIP_MAX_IMAGES_PER_REQUEST]")
+    add("--model-name", help="registry name shown by GET /model [ONNXSHIP_MODEL_NAME]")
+    add("--model-version", help="registry version shown by GET /model [ONNXSHIP_MODEL_VERSION]")
+    add("--model-run-id", help="MLflow run id shown by GET /model [ONNXSHIP_MODEL_RUN_ID]")
+    add("--log-level", choices=("critical", "error", "warning", "info", "debug"), help="[ONNXSHIP_LOG_LEVEL]")
+    return parser
+
+
+def load_config(argv: list[str] | None = None, environ: dict | None = None) -> ServerConfig:
+    """Command line over environment over defaults, validated."""
+    args = vars(build_parser().parse_args(argv))
+    settings = from_env(environ)
+    settings.update({name: value for name, value in args.items() if value is not None})
+    return ServerConfig(**settings).validate()

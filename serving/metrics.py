@@ -1,0 +1,116 @@
+"""Prometheus metrics that stay correct across LitServe's processes.
+
+The server runs several processes (HTTP servers that decode images, inference workers that run
+ONNX Runtime). prometheus_client's multiprocess mode gives each process its own memory-mapped
+files in PROMETHEUS_MULTIPROC_DIR; GET /metrics merges them. That directory must be set before
+prometheus_client is first imported, so `prepare_multiprocess_dir` runs first thing in
+`python -m serving`, and the metric objects are created lazily (`metrics()`).
+
+Metrics:
+  onnxship_requests_total{endpoint,status}        counter    every HTTP request
+  onnxship_request_duration_seconds{endpoint}     histogram  wall time per request
+  onnxship_images_decoded_total{outcome}          counter    ok | rejected (client error)
+  onnxship_decode_duration_seconds                histogram  decode + resize per image
+  onnxship_batch_size                             histogram  images per ONNX Runtime call
+  onnxship_inference_duration_seconds             histogram  one ONNX Runtime call
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128)
+TRACKED_ENDPOINTS = ("/predict", "/predict/top", "/model", "/health", "/ready", "/metrics")
+
+
+def prepare_multiprocess_dir(path: str | Path | None = None) -> Path:
+    """Point prometheus_client at a clean per-server directory (call before importing it)."""
+    chosen = path or os.environ.get(MULTIPROC_ENV)
+    if chosen:
+        directory = Path(chosen)
+        directory.mkdir(parents=True, exist_ok=True)
+        for stale in directory.glob("*.db"):  # values of a previous run would be merged in
+            stale.unlink()
+    else:
+        directory = Path(tempfile.mkdtemp(prefix="onnxship-metrics-"))
+    os.environ[MULTIPROC_ENV] = str(directory)
+    return directory
+
+
+def remove_multiprocess_dir(directory: Path) -> None:
+    if directory.name.startswith("onnxship-metrics-"):
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+class Metrics:
+    def __init__(self):
+        from prometheus_client import Counter, Histogram
+
+        self.requests = Counter("onnxship_requests", "HTTP requests by endpoint and status", ["endpoint", "status"])
+        self.request_duration = Histogram(
+            "onnxship_request_duration_seconds", "HTTP request wall time", ["endpoint"], buckets=LATENCY_BUCKETS
+        )
+        self.images_decoded = Counter("onnxship_images_decoded", "Images decoded, by outcome", ["outcome"])
+        self.decode_duration = Histogram(
+            "onnxship_decode_duration_seconds", "Decode + resize time per image", buckets=LATENCY_BUCKETS
+        )
+        self.batch_size = Histogram("onnxship_batch_size", "Images per ONNX Runtime call", buckets=BATCH_BUCKETS)
+        self.inference_duration = Histogram(
+            "onnxship_inference_duration_seconds", "Time of one ONNX Runtime call", buckets=LATENCY_BUCKETS
+        )
+
+
+@lru_cache(maxsize=1)
+def metrics() -> Metrics:
+    return Metrics()
+
+
+def endpoint_label(path: str) -> str:
+    """Bounded label values: unknown paths (scanners, typos) share one label."""
+    return path if path in TRACKED_ENDPOINTS else "other"
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition text merged over all processes (or this process outside the server)."""
+    from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest, multiprocess
+
+    if os.environ.get(MULTIPROC_ENV):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+class MetricsMiddleware:
+    """Pure ASGI middleware: counts and times every HTTP request by endpoint and status."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        import time
+
+        start = time.perf_counter()
+        status = {"code": 500}
+
+        async def send_wrapper(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            endpoint = endpoint_label(scope.get("path", ""))
+            m = metrics()
+            m.requests.labels(endpoint=endpoint, status=str(status["code"])).inc()
+            m.request_duration.labels(endpoint=endpoint).observe(time.perf_counter() - start)

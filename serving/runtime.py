@@ -1,0 +1,241 @@
+"""ONNX Runtime inference for an onnxship artifact: provider choice, tuned sessions, top-k.
+
+Provider policy (`device`):
+- "cpu":  CPUExecutionProvider only.
+- "cuda": CUDA (TensorRT first when `tensorrt=True`), CPU kept only for the few ops a GPU EP
+          hands back. If the session ends up without CUDA, that is an error (DeviceError).
+- "auto": "cuda" when the onnxruntime-gpu build offers CUDA and a GPU is visible, else "cpu".
+          A silent fallback to CPU is detected, logged and reported in `.providers`.
+
+ONNX Runtime never raises when a GPU provider fails to load: it logs and runs on CPU. The
+session's `get_providers()` is the only truth, so `Classifier.providers` reports exactly that.
+
+CPU tuning: each server worker gets its own session with `intra_op_threads` threads (default:
+cores / workers, so N workers never oversubscribe N cores), one inter-op thread, no spinning
+(spinning threads burn the cores that the HTTP processes need for decoding) and full graph
+optimisation. GPU path: the graph takes uint8 NHWC, so the host ships 1 byte per pixel channel
+instead of 4; inputs and outputs are bound with IOBinding.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from serving.artifact import INPUT_NAME, LOGITS_NAME, PROBABILITIES_NAME, ArtifactMetadata, file_sha256, read_metadata
+from serving.images import DEFAULT_MAX_PIXELS, load_image
+
+log = logging.getLogger(__name__)
+
+DEVICES = ("auto", "cpu", "cuda")
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+TENSORRT = "TensorrtExecutionProvider"
+
+
+class DeviceError(RuntimeError):
+    """The requested device cannot be used; the message says what is missing."""
+
+
+def cpu_count() -> int:
+    """Cores this process may use (cgroup/affinity aware where the OS says so)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def visible_gpu_count() -> int:
+    """GPUs this process may use, without torch: `nvidia-smi -L`, else the /dev/nvidiaN device
+    files (containers do not always ship nvidia-smi), limited by CUDA_VISIBLE_DEVICES."""
+    count = 0
+    if shutil.which("nvidia-smi") is not None:
+        try:
+            out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20, check=True).stdout
+            count = sum(1 for line in out.splitlines() if line.startswith("GPU"))
+        except (subprocess.SubprocessError, OSError):
+            count = 0
+    if count == 0:
+        count = sum(1 for p in Path("/dev").glob("nvidia[0-9]*") if p.name[len("nvidia"):].isdigit())
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        ids = [v for v in visible.split(",") if v.strip() and v.strip() != "-1"]
+        count = min(count, len(ids))
+    return count
+
+
+def cuda_available() -> bool:
+    import onnxruntime as ort
+
+    return CUDA in ort.get_available_providers() and visible_gpu_count() > 0
+
+
+def resolve_device(device: str) -> str:
+    """Map "auto" to "cuda" or "cpu"; check that "cuda" can work at all."""
+    import onnxruntime as ort
+
+    if device not in DEVICES:
+        raise DeviceError(f"unknown device {device!r}: expected one of {', '.join(DEVICES)}")
+    if device == "cpu":
+        return "cpu"
+    has_cuda_build = CUDA in ort.get_available_providers()
+    gpus = visible_gpu_count() if has_cuda_build else 0
+    if device == "auto":
+        return "cuda" if gpus > 0 else "cpu"
+    if not has_cuda_build:
+        raise DeviceError(
+            f"--device cuda: this onnxruntime {ort.__version__} build has no CUDAExecutionProvider "
+            f"(available: {', '.join(ort.get_available_providers())}); install onnxruntime-gpu "
+            "(requirements/serving-gpu.txt) or use --device cpu"
+        )
+    if gpus == 0:
+        raise DeviceError(
+            "--device cuda: no GPU visible (neither nvidia-smi nor /dev/nvidia* shows one, or "
+            "CUDA_VISIBLE_DEVICES hides them); use --device cpu or auto"
+        )
+    return "cuda"
+
+
+def cpu_session_options(intra_op_threads: int | None = None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.intra_op_num_threads = intra_op_threads or cpu_count()
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3  # errors only; provider fallbacks are reported by us
+    return options
+
+
+def top_k(probabilities_row: np.ndarray, k: int) -> list[tuple[int, float]]:
+    """The k most likely classes of one row, most likely first, as (class_id, confidence)."""
+    row = np.asarray(probabilities_row).reshape(-1)
+    k = max(1, min(int(k), row.shape[0]))
+    idx = np.argpartition(-row, k - 1)[:k]
+    idx = idx[np.argsort(-row[idx], kind="stable")]
+    return [(int(i), float(row[i])) for i in idx]
+
+
+class Classifier:
+    """One ONNX Runtime session over an onnxship artifact, with the artifact's own preprocessing."""
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        device: str = "auto",
+        intra_op_threads: int | None = None,
+        device_id: int = 0,
+        tensorrt: bool = False,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ):
+        import onnxruntime as ort
+
+        self.model_path = Path(model_path)
+        self.metadata: ArtifactMetadata = read_metadata(self.model_path)
+        self.requested_device = device
+        self.device = resolve_device(device)
+        self.device_id = device_id
+        self.max_pixels = max_pixels
+        options = cpu_session_options(intra_op_threads)
+        if self.device == "cuda":
+            providers: list = [(CUDA, {"device_id": device_id})]
+            if tensorrt:
+                cache = Path(os.environ.get("ONNXSHIP_TRT_CACHE", "/tmp/onnxship-trt-cache"))
+                cache.mkdir(parents=True, exist_ok=True)
+                providers.insert(
+                    0,
+                    (TENSORRT, {"device_id": device_id, "trt_engine_cache_enable": "True",
+                                "trt_engine_cache_path": str(cache)}),
+                )
+            providers.append(CPU)
+        else:
+            providers = [CPU]
+        self.session = ort.InferenceSession(str(self.model_path), options, providers=providers)
+        self.providers: list[str] = list(self.session.get_providers())
+        self.intra_op_threads = options.intra_op_num_threads
+        wanted = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
+        if self.device == "cuda" and CUDA not in self.providers and TENSORRT not in self.providers:
+            message = (
+                f"ONNX Runtime fell back to CPU: asked for {wanted}, got {self.providers} "
+                "(CUDA/cuDNN libraries missing or incompatible with this onnxruntime-gpu build)"
+            )
+            if device == "cuda":
+                raise DeviceError(message + "; refusing to serve on CPU with --device cuda")
+            log.warning(message)
+            self.device = "cpu"
+        elif tensorrt and self.device == "cuda" and TENSORRT not in self.providers:
+            log.warning("TensorRT was requested but is not active (providers: %s)", self.providers)
+        self._check_contract()
+        log.info("model %s on %s, providers %s", self.model_path.name, self.device, self.providers)
+
+    def _check_contract(self) -> None:
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        outputs = {o.name for o in self.session.get_outputs()}
+        if INPUT_NAME not in inputs or PROBABILITIES_NAME not in outputs:
+            raise DeviceError(
+                f"{self.model_path}: expected input {INPUT_NAME!r} and output {PROBABILITIES_NAME!r}, "
+                f"found inputs {sorted(inputs)} and outputs {sorted(outputs)}"
+            )
+
+    @cached_property
+    def sha256(self) -> str:
+        return file_sha256(self.model_path)
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.metadata.labels
+
+    def load_input(self, source: bytes | str | Path) -> np.ndarray:
+        """Decode an image (bytes or path) to the artifact's (size, size, 3) uint8 input."""
+        return load_image(source, self.metadata.input_size, self.metadata.resize_policy, max_pixels=self.max_pixels)
+
+    def _as_batch(self, images: np.ndarray) -> np.ndarray:
+        batch = np.asarray(images)
+        if batch.ndim == 3:
+            batch = batch[None]
+        if batch.dtype != np.uint8 or batch.ndim != 4 or batch.shape[-1] != 3:
+            raise ValueError(f"expected uint8 [N, H, W, 3] images, got {batch.dtype} {list(batch.shape)}")
+        return np.ascontiguousarray(batch)
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """Probabilities [N, classes] for uint8 NHWC images (one HWC image is treated as N=1)."""
+        batch = self._as_batch(images)
+        if self.device == "cuda":
+            return self._run_bound(batch, [PROBABILITIES_NAME])[0]
+        return self.session.run([PROBABILITIES_NAME], {INPUT_NAME: batch})[0]
+
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(logits, probabilities) for uint8 NHWC images."""
+        batch = self._as_batch(images)
+        if self.device == "cuda":
+            logits, probabilities = self._run_bound(batch, [LOGITS_NAME, PROBABILITIES_NAME])
+        else:
+            logits, probabilities = self.session.run([LOGITS_NAME, PROBABILITIES_NAME], {INPUT_NAME: batch})
+        return logits, probabilities
+
+    def _run_bound(self, batch: np.ndarray, outputs: list[str]) -> list[np.ndarray]:
+        binding = self.session.io_binding()
+        binding.bind_cpu_input(INPUT_NAME, batch)  # uint8: 4x fewer bytes over PCIe than float32
+        for name in outputs:
+            binding.bind_output(name, "cuda", self.device_id)
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()
+
+    def top_k(self, probabilities_row: np.ndarray, k: int) -> list[tuple[int, float]]:
+        return top_k(probabilities_row, k)
+
+    def describe(self) -> dict:
+        return {
+            "device": self.device,
+            "requested_device": self.requested_device,
+            "providers": self.providers,
+            "intra_op_threads": self.intra_op_threads,
+        }

@@ -1,0 +1,111 @@
+"""The release flow for real (Prefect harness, sqlite MLflow store, local server on a free port):
+a good release becomes champion; a deliberately broken candidate is rejected by the gate, moves no
+alias and keeps the champion serving; rollback restores @previous and restarts the server."""
+
+from __future__ import annotations
+
+import pytest
+
+from flows import registry
+from flows.local import read_state, state_is_alive
+from flows.release import GateRejected, ReleaseFailed, release
+from flows.rollback import rollback_release
+from flows.smoke import run_smoke_test
+from flows.params import SmokeSettings, load_references
+
+NAME = "onnxship-classifier"
+
+
+@pytest.fixture(scope="module")
+def first_release(prefect_harness, tmp_path_factory, fast_params):
+    """Release 1 on a fresh store: becomes champion and serves on the local target."""
+    tmp = tmp_path_factory.mktemp("release")
+    uri = f"sqlite:///{tmp}/mlruns/mlflow.db"
+    state_dir = tmp / "state"
+    params = fast_params(tmp, uri, state_dir)
+    try:
+        outcome = release(params)
+        yield params, outcome
+    finally:
+        from flows.local import stop_server
+
+        stop_server(state_dir)
+
+
+def test_good_release_becomes_champion_and_serves(first_release):
+    params, outcome = first_release
+    assert outcome["outcome"] == "champion" and outcome["version"] == "1" and outcome["verdict"] == "pass"
+    assert list(outcome["timings"]) == ["validate", "export", "simplify", "parity", "benchmark", "register", "gate",
+                                        "deploy", "smoke test", "promote"]
+    client = registry.connect(params.tracking_uri)
+    assert registry.aliases(client, NAME) == {"candidate": "1", "champion": "1"}
+    version = client.get_model_version(NAME, "1")
+    assert version.tags["gate.verdict"] == "pass" and version.tags["release.outcome"] == "champion"
+    run = client.get_run(version.run_id)
+    assert run.info.status == "FINISHED"
+    for key in ("arch", "weights_sha256", "opset", "git_commit", "resize_policy"):
+        assert key in run.data.params
+    for key in ("nodes_before_simplify", "nodes_after_simplify", "parity_top1_agreement", "parity_max_abs_prob_diff",
+                "reference_accuracy", "ort_b1_p95_ms", "ort_decode_b2_throughput", "torch_b1_p50_ms", "smoke_passed"):
+        assert key in run.data.metrics, key
+    artifacts = {a.path for a in client.list_artifacts(version.run_id)}
+    assert {"parity_report.json", "model_card.md", "benchmark", "release_report.md"} <= artifacts
+    state = read_state(params.state_dir)
+    assert state_is_alive(state) and state["version"] == "1"
+    report = (params.output_dir / "release" / "report.md").read_text()
+    assert "PROMOTED to @champion" in report and "| batch | ORT p50" in report
+    from prefect.artifacts import Artifact
+
+    artifact = Artifact.get("release-onnxship-classifier")  # the markdown a person reads in the UI
+    assert artifact is not None and artifact.data == report
+
+
+def test_broken_candidate_is_rejected_and_moves_nothing(first_release, broken_weights):
+    params, _ = first_release
+    quick = params.benchmark.model_copy(update={"include_torch": False, "batch_sizes": (1,)})
+    broken = params.model_copy(update={"weights": broken_weights, "benchmark": quick})
+    with pytest.raises(ReleaseFailed, match="REJECTED by the gate") as info:
+        release(broken)
+    assert isinstance(info.value.__cause__, GateRejected)
+    client = registry.connect(params.tracking_uri)
+    assert registry.aliases(client, NAME) == {"candidate": "2", "champion": "1"}  # only @candidate moved
+    tags = client.get_model_version(NAME, "2").tags
+    assert tags["gate.verdict"] == "fail" and tags["release.outcome"] == "rejected"
+    assert "accuracy vs champion v1" in tags["gate.reasons"] and tags["gate.compared_with"] == "1"
+    assert client.get_run(client.get_model_version(NAME, "2").run_id).info.status == "FAILED"
+    state = read_state(params.state_dir)
+    assert state_is_alive(state) and state["version"] == "1"  # the champion keeps serving
+
+
+def test_failed_smoke_test_keeps_the_champion(first_release):
+    params, _ = first_release
+    quick = params.benchmark.model_copy(update={"include_torch": False, "batch_sizes": (1,)})
+    impatient = params.model_copy(update={"benchmark": quick, "smoke": SmokeSettings(latency_budget_s=1e-6, timeout_s=10)})
+    with pytest.raises(ReleaseFailed, match="FAILED at smoke test"):
+        release(impatient)
+    client = registry.connect(params.tracking_uri)
+    assert registry.alias_version(client, NAME, "champion") == "1"
+    new = max(registry.aliases(client, NAME).values(), key=int)
+    tags = client.get_model_version(NAME, new).tags
+    assert tags["gate.verdict"] == "pass" and tags["release.outcome"] == "failed" and tags["smoke.passed"] == "false"
+    state = read_state(params.state_dir)
+    assert state_is_alive(state) and state["version"] == "1"  # the champion was put back on the port
+
+
+def test_rollback_restores_previous_and_restarts_the_server(first_release, default_artifact):
+    params, _ = first_release
+    client = registry.connect(params.tracking_uri)
+    experiment_id = client.get_experiment_by_name(NAME).experiment_id
+    run_id = registry.start_run(client, experiment_id, "hotfix", {})
+    v3 = registry.register_release(client, NAME, experiment_id, run_id, default_artifact, {}).version
+    registry.promote(client, NAME, v3)  # as if release 3 had passed
+    old_pid = read_state(params.state_dir)["pid"]
+
+    outcome = rollback_release(NAME, params.tracking_uri, params.state_dir, restart_local=True,
+                               work_dir=params.output_dir / "rollback")
+    assert (outcome["from_version"], outcome["to_version"]) == (v3, "1")
+    assert registry.aliases(client, NAME) == {"candidate": v3, "champion": "1", "previous": v3}
+    state = read_state(params.state_dir)
+    assert state["version"] == "1" and state["pid"] != old_pid and state_is_alive(state)
+    smoke = run_smoke_test(state["url"], state["api_key"], load_references(params), 5.0)
+    assert smoke.passed, smoke.failures
