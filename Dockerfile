@@ -7,7 +7,7 @@
 # nvidia/cuda image: one pinned requirements file decides every CUDA library version, matched to
 # the onnxruntime-gpu build, and nothing unused (compilers, CUDA samples) ships. Expected size
 # about 3.5 GB unpacked, 2.1 GB compressed (cuDNN + cuBLAS are ~80% of it); see
-# docs/readme/40-cerebrium.md.
+# README.md, "Deploy to Cerebrium".
 
 ARG PYTHON_VERSION=3.11
 FROM python:${PYTHON_VERSION}-slim-bookworm

@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: install test release cerebrium-bundle rollback stop-server prefect-server prefect-deploy prefect-worker prefect-run
+.PHONY: install test release convert serve bench cerebrium-bundle rollback stop-server prefect-server prefect-deploy prefect-worker prefect-run
 
 install: $(STAMP)
 
@@ -22,7 +22,19 @@ $(STAMP): pyproject.toml requirements/*.txt
 test: install
 	$(PY) -m pytest
 
-# make release TARGET=cerebrium deploys to Cerebrium (docs/readme/40-cerebrium.md).
+# The seed's converter with its defaults: models/model.onnx from the bundled EfficientNet-Lite0.
+convert: install
+	$(PY) scripts/convert_to_onnx.py --output models/model.onnx --test-image data/images/coffee.png $(ARGS)
+
+# Serve an artifact (or MODEL=models:/onnxship-classifier@champion) on :8192; needs API_KEY.
+serve: install
+	$(PY) -m serving --model $(or $(MODEL),models/model.onnx) $(ARGS)
+
+# In-process ceiling vs this server vs a seed-like baseline, side by side (serving/bench.py).
+bench: install
+	$(PY) -m serving.bench --model $(or $(MODEL),models/model.onnx) $(ARGS)
+
+# make release TARGET=cerebrium deploys to Cerebrium (README.md, "Deploy to Cerebrium").
 release: install
 	$(PY) -m flows.release $(if $(TARGET),--target $(TARGET)) $(if $(PORT),--port $(PORT)) $(ARGS)
 

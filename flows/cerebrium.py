@@ -12,7 +12,7 @@
     deploy_cerebrium(artifact, ...)    -> all of the above, then waits for /ready through the
                                           Cerebrium gateway and returns a `flows.deploy.Endpoint`
 
-Keys (docs/readme/40-cerebrium.md has the full picture):
+Keys (README.md, "Deploy to Cerebrium" has the full picture):
     CEREBRIUM_SERVICE_ACCOUNT_TOKEN  deploys (the CLI)       Prefect Secret `cerebrium-service-account-token`
     CEREBRIUM_API_KEY                calls (gateway, Bearer) Prefect Secret `cerebrium-api-key`
     API_KEY                          the app's own key       Prefect Secret `onnxship-api-key`

@@ -109,7 +109,7 @@ class Architecture:
     classifier_key: str = "fc.weight"  # where num_classes can be read from a state dict
 
 
-# Resize policy defaults (measured, see docs/readme/10-foundation.md): EfficientNet-Lite0 with its
+# Resize policy defaults (measured, see README.md, "From a PyTorch model to a validated ONNX artifact"): EfficientNet-Lite0 with its
 # bundled weights scores higher with center_crop on the ImageNet dev sample; the ResNets use the
 # standard ImageNet evaluation (resize 256 + centre crop 224), the preprocessing torchvision's
 # ResNet weights were validated with.

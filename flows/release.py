@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -31,7 +32,7 @@ from flows.deploy import Endpoint, deploy
 from flows.gate import CandidateFigures, GateVerdict, compare_with_champion, evaluate_gate
 from flows.params import ParameterError, ReleaseParams, load_references, validate_release_params
 from flows.report import ReleaseSummary, build_console, build_markdown
-from flows.smoke import SmokeResult, SmokeTestFailed, run_smoke_test
+from flows.smoke import SMOKE_METRIC_KEYS, SmokeResult, SmokeTestFailed, run_smoke_test
 
 STAGES = ("validate", "export", "simplify", "parity", "benchmark", "register", "gate", "deploy", "smoke test", "promote")
 CONSOLE = False  # True when run from the command line: progress goes to stdout instead of the Prefect log
@@ -336,8 +337,8 @@ def finish(params: ReleaseParams, summary: ReleaseSummary, registered, stages: S
         try:
             registry.tag_version(client, params.model_name, registered.version, tags)
             registry.log_metrics(client, registered.run_id, {f"stage_{k.replace(' ', '_')}_s": v for k, v in summary.timings.items()})
-            if summary.smoke:
-                registry.log_metrics(client, registered.run_id, summary.smoke["metrics"])
+            smoke_metrics = summary.smoke["metrics"] if summary.smoke else dict.fromkeys(SMOKE_METRIC_KEYS, math.nan)
+            registry.log_metrics(client, registered.run_id, smoke_metrics)
             client.set_tag(registered.run_id, "release.outcome", summary.outcome)
             client.log_text(registered.run_id, markdown, "release_report.md")
             registry.end_run(client, registered.run_id, "FINISHED" if summary.outcome == "champion" else "FAILED")

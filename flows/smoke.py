@@ -8,6 +8,8 @@ endpoint (parameters, else the local server record), logs a run to the MLflow ex
 
 from __future__ import annotations
 
+import math
+
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -38,6 +40,10 @@ class SmokeCheck:
     wrong_class_only: bool = False  # answered in time, but not the expected class
 
 
+SMOKE_METRIC_KEYS = ("smoke_passed", "smoke_images", "smoke_failures", "smoke_accuracy",
+                     "smoke_latency_max_s", "smoke_latency_p50_s")
+
+
 @dataclass
 class SmokeResult:
     url: str
@@ -57,14 +63,17 @@ class SmokeResult:
         return [c.latency_s for c in self.checks if c.latency_s is not None]
 
     def metrics(self) -> dict[str, float]:
+        """Always the keys of SMOKE_METRIC_KEYS (NaN where nothing was measured), so MLflow's
+        Compare lines releases up whether or not their smoke test got to answer."""
         lat = sorted(self.latencies)
-        out = {"smoke_passed": 1.0 if self.passed else 0.0, "smoke_images": float(len(self.checks)),
-               "smoke_failures": float(len(self.failures)),
-               "smoke_accuracy": self.correct / self.labelled if self.labelled else 1.0}
-        if lat:
-            out["smoke_latency_max_s"] = round(lat[-1], 4)
-            out["smoke_latency_p50_s"] = round(lat[len(lat) // 2], 4)
-        return out
+        return {
+            "smoke_passed": 1.0 if self.passed else 0.0,
+            "smoke_images": float(len(self.checks)),
+            "smoke_failures": float(len(self.failures)),
+            "smoke_accuracy": self.correct / self.labelled if self.labelled else 1.0,
+            "smoke_latency_max_s": round(lat[-1], 4) if lat else math.nan,
+            "smoke_latency_p50_s": round(lat[len(lat) // 2], 4) if lat else math.nan,
+        }
 
     def to_dict(self) -> dict:
         return {**asdict(self), "metrics": self.metrics()}

@@ -30,8 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", required=True, help="base URL of the server, e.g. http://127.0.0.1:8192")
     parser.add_argument("--api-key", default=os.environ.get("API_KEY"), help="API key (default: $API_KEY)")
-    parser.add_argument("--gateway-token", default=None,
-                        help="Bearer token for a gateway in front of the server, e.g. Cerebrium")
+    parser.add_argument("--gateway-token", default=os.environ.get("CEREBRIUM_API_KEY"),
+                        help="Bearer token for a gateway in front of the server, e.g. Cerebrium's JWT "
+                             "(default: $CEREBRIUM_API_KEY)")
     parser.add_argument("--images", nargs="+", type=Path, help=f"image files (default: {DEFAULT_IMAGES_DIR}/*)")
     parser.add_argument("--top-k", type=int, default=0, help="also print the k best classes per image")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per request")

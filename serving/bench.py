@@ -35,7 +35,8 @@ from pathlib import Path
 import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-IMAGENET_SAMPLE = Path("/work/shared/data/imagenet-sample-dev")
+# the developers' ImageNet sample beside the checkout (measurement only, never shipped); optional
+IMAGENET_SAMPLE = REPO_ROOT.parent / "shared" / "data" / "imagenet-sample-dev"
 TARGETS = {"b/a": 0.85, "b/c": 1.5, "p99/p50 at 8": 3.0}
 BENCH_KEY = "bench-" + uuid.uuid4().hex
 

@@ -17,7 +17,7 @@ DEFAULT_PORT = 8192  # the seed's port
 DEFAULT_MAX_PAYLOAD_BYTES = 20 * 1024 * 1024
 DEFAULT_MAX_IMAGES_PER_REQUEST = 32
 
-# Tuned on a 2-core CPU (docs/readme/20-serving.md, "CPU tuning"): one single-threaded ORT
+# Tuned on a 2-core CPU (README.md, "Serving", "CPU tuning"): one single-threaded ORT
 # session per core, small greedy batches (batching barely helps a CPU; it mostly must not hurt).
 CPU_DEFAULTS = {"max_batch_size": 4, "batch_timeout": 0.0}
 GPU_DEFAULTS = {"workers": 1, "max_batch_size": 32, "batch_timeout": 0.005}

@@ -1,6 +1,6 @@
 """Process wiring: one LitServer, one LitAPI, our HTTP routes in front of LitServe's batch queue.
 
-Request path (see docs/readme/20-serving.md, "How batching works"):
+Request path (see README.md, "Serving", "How batching works"):
 
   HTTP process (uvicorn, N of them)                      inference worker (one model copy each)
   auth -> size limit -> parse body -> decode + resize    GreedyBatchLoop collects payloads,

@@ -72,7 +72,11 @@ def test_broken_candidate_is_rejected_and_moves_nothing(first_release, broken_we
     tags = client.get_model_version(NAME, "2").tags
     assert tags["gate.verdict"] == "fail" and tags["release.outcome"] == "rejected"
     assert "accuracy vs champion v1" in tags["gate.reasons"] and tags["gate.compared_with"] == "1"
-    assert client.get_run(client.get_model_version(NAME, "2").run_id).info.status == "FAILED"
+    rejected_run = client.get_run(client.get_model_version(NAME, "2").run_id)
+    assert rejected_run.info.status == "FAILED"
+    from flows.smoke import SMOKE_METRIC_KEYS
+
+    assert set(SMOKE_METRIC_KEYS) <= set(rejected_run.data.metrics), "same metric keys as a promoted release"
     state = read_state(params.state_dir)
     assert state_is_alive(state) and state["version"] == "1"  # the champion keeps serving
 

@@ -12,7 +12,7 @@ from PIL import Image, ImageOps
 from serving.runtime import Classifier
 
 # Photos whose top-1 is confident (>= 0.5) under the default centre crop; chelsea.png is a near tie
-# between two cat classes (see docs/readme/10-foundation.md), so it is left out of invariance checks.
+# between two cat classes (see README.md, "From a PyTorch model to a validated ONNX artifact"), so it is left out of invariance checks.
 PHOTOS = {"coffee.png": 967, "camera.png": 872, "motorcycle_left.png": 665}
 
 

@@ -39,7 +39,7 @@ def test_default_artifact_honours_the_contract(default_artifact):
 
     metadata = read_metadata(default_artifact)
     assert metadata.arch == "efficientnet_lite0" and metadata.layout == "NHWC" and metadata.input_size == 224
-    assert metadata.resize_policy == "center_crop"  # the measured default (docs/readme/10-foundation.md)
+    assert metadata.resize_policy == "center_crop"  # the measured default (README.md, "From a PyTorch model to a validated ONNX artifact")
     assert metadata.mean == metadata.std == (0.5, 0.5, 0.5)
     assert metadata.labels == load_imagenet_labels()
     assert metadata.weights_sha256 == file_sha256(bundled_efficientnet_lite0_weights())
