@@ -7,27 +7,19 @@ import base64
 import http.client
 import json
 import os
-import signal
-import socket
 import sys
 import threading
-import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from support import free_port, stop_process_group
 
 HERE = Path(__file__).resolve().parent
 PROJECT = "p-test1234"
 GATEWAY_JWT = "gateway.jwt.for-tests"
 APP_KEY = "app-key-for-tests"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def make_jwt(claims: dict) -> str:
@@ -38,25 +30,6 @@ def make_jwt(claims: dict) -> str:
 
 
 SERVICE_TOKEN = make_jwt({"project_id": PROJECT, "exp": 4102444800})  # 2100-01-01
-
-
-def stop_pid(pid: int, timeout: float = 20.0) -> None:
-    """Stop one process group we started (the server and its workers), by its leader's PID."""
-    try:
-        os.killpg(pid, signal.SIGINT)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.2)
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 class _GatewayHandler(BaseHTTPRequestHandler):
@@ -189,7 +162,7 @@ def fake_cli(tmp_path, monkeypatch):
         yield cli
     finally:
         for pid in cli.app_pids():
-            stop_pid(pid)
+            stop_process_group(pid)
         server.shutdown()
         server.server_close()
 

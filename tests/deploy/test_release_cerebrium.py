@@ -3,19 +3,13 @@ deploys but fails its smoke test never becomes @champion."""
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
+from support import free_port
 
 from flows import registry
 from flows.params import ReleaseParams
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def seed_champion(tracking_uri: str, name: str, artifact: Path) -> str:

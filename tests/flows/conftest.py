@@ -4,19 +4,13 @@ deliberately broken candidate."""
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
+from support import free_port
 
 from flows.local import read_state, stop_server
 from flows.params import ReleaseParams
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture

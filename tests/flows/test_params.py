@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 
 import pytest
+from support import free_port
 from pydantic import ValidationError
 
 from flows.params import ParameterError, ReleaseParams, validate_release_params
@@ -16,12 +17,6 @@ def params(tmp_path, **overrides) -> ReleaseParams:
             "output_dir": str(tmp_path / "models"), "server": {"port": free_port()}}
     data.update(overrides)
     return ReleaseParams.model_validate(data)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def problems(p: ReleaseParams) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import os
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -16,17 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support import free_port
 import requests
 from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 API_KEY = "test-key-0123456789"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
