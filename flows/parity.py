@@ -15,8 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
-from serving.artifact import INPUT_NAME, read_metadata
-from serving.images import load_image
+from serving.runtime import Classifier
 from flows.models import LoadedModel
 from flows.reference import ReferenceImage
 
@@ -89,14 +88,6 @@ def run_torch(loaded: LoadedModel, images: np.ndarray) -> tuple[np.ndarray, np.n
     return logits.numpy(), probabilities.numpy()
 
 
-def cpu_session(onnx_path: str | Path):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-
-
 def check_parity(
     loaded: LoadedModel,
     onnx_path: str | Path,
@@ -106,13 +97,12 @@ def check_parity(
 ) -> ParityResult:
     if not references:
         raise ValueError("parity needs at least one reference image")
-    metadata = read_metadata(onnx_path)
-    images = np.stack([load_image(r.path, metadata.input_size, metadata.resize_policy) for r in references])
+    classifier = Classifier(onnx_path, device="cpu")  # the server's own session and preprocessing
+    images = np.stack([classifier.load_input(r.path) for r in references])
     torch_logits, torch_probs = run_torch(loaded, images)
     torch_top1 = torch_probs.argmax(axis=1)
     torch_top5 = np.argsort(-torch_probs, axis=1)[:, :5]
 
-    session = cpu_session(onnx_path)
     prob_diff = logit_diff = 0.0
     top1_hits = top5_hits = runs = 0
     disagreements: list[str] = []
@@ -121,7 +111,7 @@ def check_parity(
     for batch_size in batch_sizes:
         logits_parts, probs_parts = [], []
         for start in range(0, len(images), batch_size):
-            logits, probs = session.run(None, {INPUT_NAME: images[start : start + batch_size]})
+            logits, probs = classifier.run(images[start : start + batch_size])
             logits_parts.append(logits)
             probs_parts.append(probs)
         onnx_logits, onnx_probs = np.concatenate(logits_parts), np.concatenate(probs_parts)

@@ -100,10 +100,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from flows.export import DEFAULT_OPSET, MIN_OPSET, ExportError, check_opset, check_output_path, export_onnx
     from flows.models import ARCHITECTURES, ModelLoadError, load_model
-    from flows.parity import ParityTolerances, check_parity, cpu_session, run_torch
+    from flows.parity import ParityTolerances, check_parity, run_torch
     from flows.reference import ReferenceImage, ReferenceSetError, load_reference_set
     from flows.simplify import simplify_onnx
-    from serving.artifact import INPUT_NAME, read_metadata
+    from serving.runtime import Classifier
     from serving.images import ImageError, load_image
 
     if args.output is None:
@@ -168,11 +168,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"warning: simplification failed, kept the unsimplified graph: {simplified.error}")
 
-    labels = read_metadata(output).labels
     if test_pixels is not None:
         batch = test_pixels[None]
         _, torch_probs = run_torch(loaded, batch)
-        onnx_probs = cpu_session(output).run(None, {INPUT_NAME: batch})[1]
+        classifier = Classifier(output, device="cpu")
+        onnx_probs = classifier.predict(batch)
+        labels = classifier.labels
         print(f"test image {args.test_image}:")
         print(f"  PyTorch       {describe_prediction(torch_probs[0], labels)}")
         print(f"  ONNX Runtime  {describe_prediction(onnx_probs[0], labels)}")
