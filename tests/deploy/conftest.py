@@ -7,6 +7,7 @@ import base64
 import http.client
 import json
 import os
+import shutil
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -125,6 +126,7 @@ def fake_cli(tmp_path, monkeypatch):
     script = bin_dir / "cerebrium"
     script.write_text(f"#!{sys.executable}\n" + (HERE / "fake_cerebrium.py").read_text())
     script.chmod(0o755)
+    shutil.copy(HERE.parent / "support.py", bin_dir / "support.py")  # the fake stops apps with it
 
     gateway = Gateway(app_name="onnxship-classifier", token=GATEWAY_JWT, backend_port=free_port())
     server = ThreadingHTTPServer(("127.0.0.1", 0), _GatewayHandler)

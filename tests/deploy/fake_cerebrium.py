@@ -59,24 +59,11 @@ def previous_app_pids() -> list[int]:
     return json.loads(path.read_text()).get("app_pids", []) if path.is_file() else []
 
 
-def stop_apps(pids: list[int], timeout: float = 20.0) -> None:
-    import signal
-    import time
+def stop_apps(pids: list[int]) -> None:
+    from support import stop_process_group  # tests/support.py, copied beside this script
 
     for pid in pids:
-        try:
-            os.killpg(pid, signal.SIGINT)
-        except ProcessLookupError:
-            continue
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.2)
-        else:
-            os.killpg(pid, signal.SIGKILL)
+        stop_process_group(pid)
 
 
 def start_app(bundle: Path) -> int:
