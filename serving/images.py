@@ -98,9 +98,10 @@ def refuse_oversized(image: Image.Image, max_pixels: int) -> None:
 
 def upright(image: Image.Image) -> Image.Image:
     try:
-        return ImageOps.exif_transpose(image)
+        ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of an already upright photo
     except Exception:  # a malformed EXIF block must not make a readable photo unusable
-        return image
+        pass
+    return image
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -143,11 +144,17 @@ def resize_to_input(image: Image.Image, size: int, policy: str) -> np.ndarray:
     if policy == "squash":
         resized = image.resize((size, size), Image.Resampling.BILINEAR)
     else:
-        width, height = image.size
-        scale = short_side / min(width, height)
-        new_size = (max(size, round(width * scale)), max(size, round(height * scale)))
-        resized = image.resize(new_size, Image.Resampling.BILINEAR)
-        left = (new_size[0] - size) // 2
-        top = (new_size[1] - size) // 2
-        resized = resized.crop((left, top, left + size, top + size))
+        resized = image.resize((size, size), Image.Resampling.BILINEAR, box=center_crop_box(image.size, size))
     return np.asarray(resized, dtype=np.uint8)
+
+
+def center_crop_box(image_size: tuple[int, int], size: int) -> tuple[float, float, float, float]:
+    """The source region that "resize the short side to size / 0.875, then crop the central
+    size x size" keeps. Resizing only that region gives the same pixels without computing the
+    ones the crop would throw away."""
+    width, height = image_size
+    scale = resized_short_side(size, "center_crop") / min(width, height)
+    resized_width, resized_height = max(size, round(width * scale)), max(size, round(height * scale))
+    left, top = (resized_width - size) // 2, (resized_height - size) // 2
+    x_scale, y_scale = resized_width / width, resized_height / height
+    return (left / x_scale, top / y_scale, (left + size) / x_scale, (top + size) / y_scale)

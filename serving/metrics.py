@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from functools import lru_cache
+import threading
 from pathlib import Path
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -66,9 +66,20 @@ class Metrics:
         )
 
 
-@lru_cache(maxsize=1)
+_metrics: Metrics | None = None
+_metrics_lock = threading.Lock()
+
+
 def metrics() -> Metrics:
-    return Metrics()
+    """This process's metric objects, created on first use. The first requests of an HTTP process
+    reach this from the event loop and from decoding threads at once: creating them twice would
+    register every series twice and fail those requests, so creation holds a lock."""
+    global _metrics
+    if _metrics is None:
+        with _metrics_lock:
+            if _metrics is None:
+                _metrics = Metrics()
+    return _metrics
 
 
 def endpoint_label(path: str) -> str:

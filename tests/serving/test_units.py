@@ -144,3 +144,35 @@ def test_ready_is_503_until_every_worker_is_ready(default_artifact, tmp_path):
     assert client.get("/ready").status_code == 200
     routes = {(route.path, tuple(sorted(getattr(route, "methods", ())))) for route in server.app.router.routes}
     assert ("/info", ("GET",)) not in routes and ("/", ("GET",)) not in routes
+
+
+# ---------------------------------------------------------------- metrics
+
+
+FIRST_USE_RACE = """
+import threading
+from serving.metrics import metrics, prepare_multiprocess_dir
+prepare_multiprocess_dir()
+barrier, seen, errors = threading.Barrier(16), [], []
+def first_use():
+    barrier.wait()
+    try:
+        seen.append(id(metrics()))
+    except Exception as error:
+        errors.append(repr(error))
+threads = [threading.Thread(target=first_use) for _ in range(16)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+print(len(set(seen)), len(seen), errors)
+"""
+
+
+def test_metrics_first_used_by_many_threads_at_once_are_created_once():
+    # an HTTP process's first requests reach metrics() from the event loop and decoding threads at
+    # once; creating the metrics twice registered every series twice and failed those requests
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", FIRST_USE_RACE], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "1 16 []", result.stdout  # one Metrics object, 16 callers, no error
