@@ -50,6 +50,7 @@ LITSERVE_ROUTES_REPLACED = {"/", "/health", "/info", API_PATH}
 FILE_FIELD = "file"
 QUEUE_TIMEOUT_S = 60  # LitServe answers 504 for a request that waited longer in the batch queue
 RESPONSE_TIMEOUT_S = 120  # and we stop waiting for a worker that never answers
+SHUTDOWN_POLL_S = 0.5  # the main process re-checks for SIGINT/SIGTERM this often
 SUPPORTED = "multipart/form-data with a 'file' field, a raw image/* body, or application/json {\"image\": \"<base64>\"}"
 
 
@@ -281,6 +282,40 @@ def decode_uploads(uploads: list[tuple[str, bytes]], metadata: ArtifactMetadata)
     return np.stack(arrays)
 
 
+class PollingShutdownEvent:
+    """LitServer's main thread blocks on its shutdown event (a multiprocessing-manager proxy) until
+    the server stops. A blocked main thread only runs Python's signal handlers when its system
+    call is interrupted, and the kernel may deliver SIGINT/SIGTERM to another thread of the
+    process (LitServe's worker monitor): the signal was then noticed only on the next manager
+    message, possibly never. Waiting in short slices lets the handler run within SHUTDOWN_POLL_S."""
+
+    def __init__(self, event):
+        self._event = event
+
+    def wait(self, timeout: float | None = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._event.wait(SHUTDOWN_POLL_S):
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+        return True
+
+    def set(self) -> None:
+        self._event.set()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def __reduce__(self):  # LitServe hands the event to its other processes
+        return (PollingShutdownEvent, (self._event,))
+
+
+class OnnxshipLitServer(ls.LitServer):
+    def _init_manager(self, num_api_servers: int):
+        manager = super()._init_manager(num_api_servers)
+        self._shutdown_event = PollingShutdownEvent(self._shutdown_event)
+        return manager
+
+
 def build_server(config: ServerConfig, info: ModelInfo) -> ls.LitServer:
     """A LitServer whose HTTP side is ours; `config` must be `resolved` for `info.device`."""
     api = ClassifierAPI(
@@ -292,7 +327,7 @@ def build_server(config: ServerConfig, info: ModelInfo) -> ls.LitServer:
         batch_timeout=config.batch_timeout,
         state_dir=info.state_dir,
     )
-    server = ls.LitServer(
+    server = OnnxshipLitServer(
         api,
         accelerator="cuda" if info.device == "cuda" else "cpu",
         devices=visible_gpu_count() if info.device == "cuda" else "auto",  # LitServe would need nvidia-smi

@@ -176,3 +176,47 @@ def test_metrics_first_used_by_many_threads_at_once_are_created_once():
     result = subprocess.run([sys.executable, "-c", FIRST_USE_RACE], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "1 16 []", result.stdout  # one Metrics object, 16 callers, no error
+
+
+# ---------------------------------------------------------------- shutdown
+
+
+SIGNAL_TO_ANOTHER_THREAD = """
+import multiprocessing, signal, sys, threading, time
+from serving.server import PollingShutdownEvent
+if __name__ == "__main__":
+    event = multiprocessing.Manager().Event()
+    if sys.argv[1] == "polling":
+        event = PollingShutdownEvent(event)
+    # the kernel may hand a process-directed SIGINT to any thread; here it goes to a timer thread
+    threading.Timer(0.3, lambda: signal.pthread_kill(threading.get_ident(), signal.SIGINT)).start()
+    try:
+        event.wait()
+    except KeyboardInterrupt:
+        print("interrupted")
+"""
+
+
+@pytest.mark.parametrize("kind", ["polling", "plain"])
+def test_main_thread_notices_a_signal_delivered_to_another_thread(tmp_path, kind):
+    # LitServer's main thread waits on its shutdown event until SIGINT/SIGTERM. With the manager's
+    # plain event that wait never ends when the signal lands on another thread (the server then
+    # ignored `docker stop`); the polling event ends it within SHUTDOWN_POLL_S.
+    import subprocess
+    import sys
+
+    from support import stop_process_group
+
+    script = tmp_path / "wait_for_signal.py"
+    script.write_text(SIGNAL_TO_ANOTHER_THREAD)
+    process = subprocess.Popen([sys.executable, str(script), kind], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    try:
+        out, err = process.communicate(timeout=8)
+    except subprocess.TimeoutExpired:
+        stop_process_group(process.pid, timeout=3)  # the script and its manager process (which ignores SIGINT)
+        process.wait(5)
+        assert kind == "plain", "the polling event did not notice the signal within 8 s"
+        return
+    assert kind == "polling", f"the plain event was expected to hang, but: {out} {err}"
+    assert process.returncode == 0 and out.strip() == "interrupted", err
