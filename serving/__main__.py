@@ -31,7 +31,13 @@ class StartupError(RuntimeError):
     pass
 
 
-def install_sigterm_handler() -> None:
+def install_signal_handlers() -> None:
+    """SIGTERM and SIGINT both stop the server gracefully.
+
+    SIGINT gets Python's handler explicitly: a process inherits an ignored SIGINT from a shell that
+    started it as a background job (`nohup python -m serving &`, CI scripts), and Python then leaves
+    it ignored, so the image's STOPSIGNAL and Ctrl-C would do nothing."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     main_pid = os.getpid()
 
     def on_sigterm(signum, frame):
@@ -131,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"python -m serving: {error}", file=sys.stderr)
         return 2
     logging.getLogger().setLevel(config.log_level.upper())
-    install_sigterm_handler()
+    install_signal_handlers()
     return serve(config)
 
 

@@ -39,7 +39,8 @@ class RunningServer:
 
 
 def start_server(model: Path, log_path: Path, *args: str, api_key: str | None = API_KEY,
-                 env: dict | None = None) -> subprocess.Popen:
+                 env: dict | None = None, sigint_ignored: bool = False) -> subprocess.Popen:
+    """`sigint_ignored`: start it the way a shell starts a background job, SIGINT ignored."""
     environment = {k: v for k, v in os.environ.items()
                    if not k.startswith("ONNXSHIP_") and k not in ("API_KEY", "MODEL_SHA256")}
     environment["PYTHONUNBUFFERED"] = "1"
@@ -51,6 +52,7 @@ def start_server(model: Path, log_path: Path, *args: str, api_key: str | None = 
             [sys.executable, "-m", "serving", "--model", str(model), "--host", "127.0.0.1", *args],
             cwd=REPO_ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True,
+            preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None,
         )
 
 
@@ -68,10 +70,10 @@ def wait_ready(server: RunningServer, timeout: float = 120.0) -> None:
     raise AssertionError(f"server not ready after {timeout} s:\n{server.log()}")
 
 
-def stop(process: subprocess.Popen, timeout: float = 45.0) -> int | None:
-    """SIGTERM the server (graceful), SIGKILL its process group if it does not exit in time."""
+def stop(process: subprocess.Popen, timeout: float = 45.0, sig: int = signal.SIGTERM) -> int | None:
+    """SIGTERM (or `sig`) the server (graceful), SIGKILL its process group if it does not exit in time."""
     if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(sig)
         try:
             process.wait(timeout)
         except subprocess.TimeoutExpired:

@@ -88,3 +88,20 @@ def test_no_auth_server_warns_serves_and_stops_on_sigterm(default_artifact, tmp_
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
+
+
+def test_sigint_stops_a_server_started_with_sigint_ignored(default_artifact, tmp_path):
+    # a shell starts background jobs (`nohup python -m serving &`, CI scripts) with SIGINT ignored,
+    # and Python keeps it ignored unless told otherwise: the image's STOPSIGNAL SIGINT did nothing
+    port = free_port()
+    log_path = tmp_path / "server.log"
+    process = start_server(default_artifact, log_path, "--port", str(port), "--workers", "1", sigint_ignored=True)
+    server = RunningServer(f"http://127.0.0.1:{port}", process, log_path, None)
+    try:
+        wait_ready(server)
+        started = time.monotonic()
+        assert stop(process, timeout=30, sig=signal.SIGINT) == 0, server.log()
+        assert time.monotonic() - started < 30
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
