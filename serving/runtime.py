@@ -10,8 +10,8 @@ Provider policy (`device`):
 ONNX Runtime never raises when a GPU provider fails to load: it logs and runs on CPU. The
 session's `get_providers()` is the only truth, so `Classifier.providers` reports exactly that.
 
-CPU tuning: each server worker gets its own session with `intra_op_threads` threads (default:
-cores / workers, so N workers never oversubscribe N cores), one inter-op thread, no spinning
+CPU tuning: each server worker gets its own session with `intra_op_threads` threads (server
+default: twice the worker's share of the cores, see serving/config.py), one inter-op thread, no spinning
 (spinning threads burn the cores that the HTTP processes need for decoding) and full graph
 optimisation. GPU path: the graph takes uint8 NHWC, so the host ships 1 byte per pixel channel
 instead of 4; inputs and outputs are bound with IOBinding.

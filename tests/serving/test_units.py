@@ -8,7 +8,7 @@ from queue import Queue
 import numpy as np
 import pytest
 
-from serving.config import ConfigError, ServerConfig, load_config
+from serving.config import ConfigError, ServerConfig, cpu_threads_per_worker, load_config
 from serving.model_uri import DEFAULT_TRACKING_URI, ModelUriError, parse_models_uri, resolve_model
 from serving.runtime import Classifier, DeviceError, cuda_available, resolve_device, top_k
 
@@ -42,6 +42,10 @@ def test_invalid_configuration_names_the_setting(argv, env, words):
 def test_resolved_defaults_split_cores_between_workers():
     config = ServerConfig(model="m", no_auth=True).resolved("cpu")
     assert config.workers >= 1 and config.intra_op_threads >= 1 and config.api_servers == config.workers
+    # two threads per worker's share of the cores, never more than the machine has
+    assert [cpu_threads_per_worker(cores, workers) for cores, workers in [(2, 2), (2, 1), (16, 16), (16, 4), (1, 1)]] \
+        == [2, 2, 2, 8, 1]
+    assert ServerConfig(model="m", no_auth=True, intra_op_threads=1).resolved("cpu").intra_op_threads == 1
     gpu = ServerConfig(model="m", no_auth=True).resolved("cuda")
     assert (gpu.workers, gpu.max_batch_size) == (1, 32)
 
