@@ -144,16 +144,17 @@ def resize_to_input(image: Image.Image, size: int, policy: str) -> np.ndarray:
     if policy == "squash":
         resized = image.resize((size, size), Image.Resampling.BILINEAR)
     else:
-        resized = image.resize((size, size), Image.Resampling.BILINEAR, box=center_crop_box(image.size, size))
+        box = center_crop_box(image.size, size, short_side)
+        resized = image.resize((size, size), Image.Resampling.BILINEAR, box=box)
     return np.asarray(resized, dtype=np.uint8)
 
 
-def center_crop_box(image_size: tuple[int, int], size: int) -> tuple[float, float, float, float]:
-    """The source region that "resize the short side to size / 0.875, then crop the central
+def center_crop_box(image_size: tuple[int, int], size: int, short_side: int) -> tuple[float, float, float, float]:
+    """The source region that "resize the short side to `short_side`, then crop the central
     size x size" keeps. Resizing only that region gives the same pixels without computing the
     ones the crop would throw away."""
     width, height = image_size
-    scale = resized_short_side(size, "center_crop") / min(width, height)
+    scale = short_side / min(width, height)
     resized_width, resized_height = max(size, round(width * scale)), max(size, round(height * scale))
     left, top = (resized_width - size) // 2, (resized_height - size) // 2
     x_scale, y_scale = resized_width / width, resized_height / height

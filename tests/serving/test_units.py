@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from queue import Queue
 
 import numpy as np
 import pytest
+from support import stop_process_group
 
 from serving.config import ConfigError, ServerConfig, cpu_threads_per_worker, load_config
 from serving.model_uri import DEFAULT_TRACKING_URI, ModelUriError, parse_models_uri, resolve_model
@@ -174,9 +177,6 @@ print(len(set(seen)), len(seen), errors)
 def test_metrics_first_used_by_many_threads_at_once_are_created_once():
     # an HTTP process's first requests reach metrics() from the event loop and decoding threads at
     # once; creating the metrics twice registered every series twice and failed those requests
-    import subprocess
-    import sys
-
     result = subprocess.run([sys.executable, "-c", FIRST_USE_RACE], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "1 16 []", result.stdout  # one Metrics object, 16 callers, no error
@@ -208,11 +208,6 @@ def test_main_thread_notices_a_signal_delivered_to_another_thread(tmp_path, kind
     # LitServer's main thread waits on its shutdown event until SIGINT/SIGTERM. With the manager's
     # plain event that wait never ends when the signal lands on another thread (the server would
     # ignore that SIGINT/SIGTERM); the polling event ends it within SHUTDOWN_POLL_S.
-    import subprocess
-    import sys
-
-    from support import stop_process_group
-
     script = tmp_path / "wait_for_signal.py"
     script.write_text(SIGNAL_TO_ANOTHER_THREAD)
     process = subprocess.Popen([sys.executable, str(script), kind], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
