@@ -46,10 +46,11 @@ COPY models/model.onnx /app/models/model.onnx
 # cached pip install (every RUN after an ARG sees it, so a changed value would be a cache miss).
 # sha256 of models/model.onnx: the server refuses to start when the baked file differs.
 ARG MODEL_SHA256=
-# Server tuning for one GPU per replica (release parameters cerebrium.workers / max_batch_size / ...).
-ARG WORKERS=1
-ARG MAX_BATCH_SIZE=32
-ARG BATCH_TIMEOUT=0.005
+# Server tuning (release parameters cerebrium.workers / max_batch_size / ...; a bundle pins them). Empty means
+# the server's own GPU defaults (serving/config.py GPU_DEFAULTS).
+ARG WORKERS=
+ARG MAX_BATCH_SIZE=
+ARG BATCH_TIMEOUT=
 ARG MODEL_NAME=
 ARG MODEL_VERSION=
 

@@ -44,7 +44,7 @@ rollback: install
 
 # Stop the local server that `make release` started (by the PID in .onnxship/local-server.json).
 stop-server:
-	$(PY) -m flows.local stop
+	$(PY) -m flows.deploy.local stop
 
 # The Prefect cycle (prefect.yaml): a server, the deployments, a worker, a run.
 PREFECT := $(VENV)/bin/prefect
@@ -66,4 +66,4 @@ prefect-run: install
 
 # Stage (and preflight) the Cerebrium bundle of ARTIFACT without deploying it.
 cerebrium-bundle: install
-	$(PY) -m flows.cerebrium preflight $(or $(ARTIFACT),models/model.onnx)
+	$(PY) -m flows.deploy.cerebrium preflight $(or $(ARTIFACT),models/model.onnx)

@@ -85,6 +85,18 @@ def load_reference_set(
     return references
 
 
+def reference_paths(images_dir: Path | None = None, manifest: Path | None = None) -> tuple[Path, Path]:
+    """The reference set a release uses: `data/images` by default; a directory alone means its manifest.csv."""
+    if images_dir is None:
+        return DEFAULT_IMAGES_DIR, Path(manifest) if manifest is not None else DEFAULT_MANIFEST
+    return Path(images_dir), Path(manifest) if manifest is not None else Path(images_dir) / "manifest.csv"
+
+
+def load_references(images_dir: Path | None = None, manifest: Path | None = None) -> list[ReferenceImage]:
+    """The release's reference images (see `reference_paths`)."""
+    return load_reference_set(*reference_paths(images_dir, manifest))
+
+
 def parse_class(value: str | None, manifest: Path, line: int, num_classes: int) -> int | None:
     value = (value or "").strip()
     if not value:

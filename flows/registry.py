@@ -1,11 +1,13 @@
 """MLflow: one run per release, the ONNX artifact as a registered model version, aliases as roles.
 
+- The one MLflow access path of flows/: reading (tracking-URI default, alias lookup, download of a
+  version's .onnx) is `serving/model_uri.py`, which the server uses too; writing is here.
 - Store: `MLFLOW_TRACKING_URI`, else `serving.model_uri.DEFAULT_TRACKING_URI`
   (`sqlite:///mlruns/mlflow.db`); for a sqlite store the artifacts live in `artifacts/` next to the
   database file (so everything stays inside `mlruns/`).
 - Aliases: `candidate` (set on registration), `champion` (what serves), `previous` (the champion
   before it: `make rollback` swaps them). Every version carries `gate.verdict` / `gate.reasons` tags.
-- Aliases are read with `get_registered_model` / `get_model_version`: `search_model_versions`
+- Aliases are read with `get_registered_model` / `get_model_version_by_alias`: `search_model_versions`
   returns versions without their aliases.
 - Every call takes the run id explicitly (Prefect tasks may run in other threads, where MLflow's
   "active run" is not the one you think).
@@ -14,21 +16,19 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version as package_version
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from serving.artifact import file_sha256
-from serving.model_uri import DEFAULT_TRACKING_URI
+from serving.model_uri import alias_version, download_version  # noqa: F401  (the one reader, re-exported)
+from serving.model_uri import connect as connect_store
+from serving.model_uri import tracking_uri as resolve_tracking_uri
 
 CANDIDATE, CHAMPION, PREVIOUS = "candidate", "champion", "previous"
 MODEL_ARTIFACT_NAME = "model"
-ONNX_FILE_NAME = "model.onnx"
 RUNTIME_REQUIREMENTS = ("onnxruntime", "numpy", "pillow")
 
 
@@ -44,10 +44,6 @@ class RegisteredVersion:
     experiment_id: str
     model_uri: str  # models:/<name>/<version>
     sha256: str
-
-
-def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
-    return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
 def sqlite_path(uri: str) -> Path | None:
@@ -76,17 +72,12 @@ def artifact_location(uri: str) -> str | None:
 
 
 def connect(tracking_uri: str | None = None):
-    """Point MLflow at the store and return an MlflowClient bound to it."""
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
+    """Point MLflow at the store (creating a local sqlite store's folder) and return a client bound to it."""
     uri = resolve_tracking_uri(tracking_uri)
     db = sqlite_path(uri)
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    return connect_store(uri)
 
 
 def ensure_experiment(client, name: str) -> str:
@@ -145,6 +136,17 @@ def log_metrics(client, run_id: str, metrics: dict[str, float]) -> None:
         client.log_batch(run_id, metrics=rows)
 
 
+def log_artifacts(client, run_id: str, artifacts: dict[str, Path | str | dict]) -> None:
+    """name -> a dict (logged as JSON), a Path (file or folder, logged under `name`) or text."""
+    for name, content in artifacts.items():
+        if isinstance(content, dict):
+            client.log_dict(run_id, content, name)
+        elif isinstance(content, Path):
+            client.log_artifact(run_id, str(content), artifact_path=name)
+        else:
+            client.log_text(run_id, content, name)
+
+
 def end_run(client, run_id: str, status: str = "FINISHED") -> None:
     client.set_terminated(run_id, status=status)
 
@@ -199,10 +201,6 @@ def aliases(client, name: str) -> dict[str, str]:
     return {alias: str(version) for alias, version in (model.aliases or {}).items()}
 
 
-def alias_version(client, name: str, alias: str) -> str | None:
-    return aliases(client, name).get(alias)
-
-
 def version_aliases(client, name: str, version: str) -> list[str]:
     return list(client.get_model_version(name, version).aliases or [])
 
@@ -242,24 +240,6 @@ def version_info(client, name: str, version: str) -> dict:
     mv = client.get_model_version(name, version)
     return {"version": str(mv.version), "run_id": mv.run_id, "source": mv.source, "tags": dict(mv.tags or {}),
             "aliases": list(mv.aliases or [])}
-
-
-def download_version(client, name: str, version: str, dest_dir: Path) -> Path:
-    """Download a version's ONNX file to `dest_dir/model.onnx` and return the path."""
-    import mlflow.artifacts
-
-    dest_dir = Path(dest_dir)
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest_dir) as tmp:
-        local = Path(mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{name}/{version}", dst_path=tmp, tracking_uri=client.tracking_uri
-        ))
-        candidates = sorted(local.rglob("*.onnx")) if local.is_dir() else [local]
-        if not candidates:
-            raise RegistryError(f"models:/{name}/{version} holds no .onnx file")
-        target = dest_dir / ONNX_FILE_NAME
-        shutil.move(str(candidates[0]), target)
-    return target
 
 
 def register_release(

@@ -1,11 +1,68 @@
-"""What a person reads: the release's markdown artifact (Prefect UI, MLflow run) and the console
-summary. Built from a `ReleaseSummary`, filled in stage by stage by flows/release.py."""
+"""What a person reads: the release's progress lines, its markdown artifact (Prefect UI, MLflow run)
+and the console summary. Built from a `ReleaseSummary`, filled in stage by stage by flows/release.py."""
 
 from __future__ import annotations
 
+import sys
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from flows.benchmark import ENGINE_ORT, ENGINE_ORT_DECODE, ENGINE_TORCH
+from flows.stages.benchmark import ENGINE_ORT, ENGINE_ORT_DECODE, ENGINE_TORCH
+
+STAGES = ("validate", "export", "simplify", "parity", "benchmark", "register", "gate", "deploy", "smoke test", "promote")
+CONSOLE = False  # True when run from the command line: progress goes to stdout instead of the Prefect log
+
+
+def say(message: str) -> None:
+    if CONSOLE:
+        print(message, flush=True)
+        return
+    try:
+        from prefect import get_run_logger
+
+        get_run_logger().info(message)
+    except Exception:
+        print(message, flush=True)
+
+
+class Stages:
+    """Progress output: `[3/10] parity ...` then `done in 1.2 s`; timings kept for the report."""
+
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+        self.current: str | None = None
+
+    @contextmanager
+    def run(self, name: str):
+        index = STAGES.index(name) + 1
+        self.current = name
+        say(f"[{index}/{len(STAGES)}] {name} ...")
+        started = time.perf_counter()
+        try:
+            yield
+        except BaseException:
+            self.timings[name] = round(time.perf_counter() - started, 2)
+            say(f"[{index}/{len(STAGES)}] {name} FAILED after {self.timings[name]:.1f} s")
+            raise
+        self.timings[name] = round(time.perf_counter() - started, 2)
+        say(f"[{index}/{len(STAGES)}] {name} done in {self.timings[name]:.1f} s")
+
+
+def progress_printer(prefix: str):
+    last = [0.0]
+
+    def show(what: str, fraction: float) -> None:
+        width = 24
+        filled = int(round(fraction * width))
+        line = f"      {prefix} [{'#' * filled}{'.' * (width - filled)}] {fraction:4.0%} {what}"
+        if CONSOLE and sys.stdout.isatty():
+            print("\r" + line.ljust(90), end="" if fraction < 1 else "\n", flush=True)
+        elif fraction >= 1 or time.monotonic() - last[0] > 5:
+            say(line)
+            last[0] = time.monotonic()
+
+    return show
 
 
 @dataclass
@@ -36,6 +93,13 @@ class ReleaseSummary:
     smoke: dict | None = None
     timings: dict[str, float] = field(default_factory=dict)
     plot_path: str | None = None
+
+    def record_endpoint(self, endpoint) -> None:
+        """Where the release now serves (a flows.deploy.Endpoint); the key itself is shown only when generated."""
+        self.endpoint_url, self.api_key = endpoint.url, endpoint.api_key
+        self.api_key_source = endpoint.details.get("api_key_source")
+        self.state_file = endpoint.details.get("state_file")
+        self.stop_hint = endpoint.stop_hint
 
     @property
     def title(self) -> str:

@@ -15,36 +15,33 @@ from pathlib import Path
 from prefect import flow
 
 from flows import registry
-from flows.params import DEFAULT_MODEL_NAME, ReleaseParams
+from flows.deploy import ModelVersion, deploy
+from flows.deploy.local import read_state, state_is_alive
+from flows.params import DEFAULT_MODEL_NAME, DEFAULT_STATE_DIR, ReleaseParams
+from flows.reference import load_references
+from flows.stages.smoke import SmokeTestFailed, run_smoke_test
 
 
 def rollback_release(
     model_name: str = DEFAULT_MODEL_NAME,
     tracking_uri: str | None = None,
-    state_dir: Path = Path(".onnxship"),
+    state_dir: Path = DEFAULT_STATE_DIR,
     restart_local: bool = True,
     work_dir: Path = Path("models") / "release",
 ) -> dict:
     """Swap @champion and @previous; restart the recorded local server on the new champion."""
-    from flows.local import read_state, state_is_alive
-
     client = registry.connect(tracking_uri)
     from_version, to_version = registry.rollback(client, model_name)
     registry.tag_version(client, model_name, to_version, {"rollback.restored_from": from_version})
     outcome = {"model_name": model_name, "from_version": from_version, "to_version": to_version, "restarted": None}
     state = read_state(state_dir)
     if restart_local and state and state_is_alive(state) and state.get("model_name") == model_name:
-        from flows.deploy import deploy
-        from flows.smoke import SmokeTestFailed, run_smoke_test
-
         path = registry.download_version(client, model_name, to_version, Path(work_dir) / f"rollback-v{to_version}")
         server = {"host": state["host"], "port": state["port"]}
         params = ReleaseParams(model_name=model_name, tracking_uri=tracking_uri, state_dir=state_dir, server=server)
         run_id = client.get_model_version(model_name, to_version).run_id
-        endpoint = deploy("local", path, params, model_name=model_name, version=to_version, run_id=run_id)
-        from flows.params import load_references
-
-        smoke = run_smoke_test(endpoint.url, endpoint.api_key, load_references(params), params.smoke.latency_budget_s)
+        endpoint = deploy("local", path, params, ModelVersion(model_name, to_version, run_id))
+        smoke = run_smoke_test(endpoint.url, endpoint.api_key, load_references(), params.smoke.latency_budget_s)
         outcome["restarted"] = endpoint.url
         if not smoke.passed:
             raise SmokeTestFailed(f"rolled back to v{to_version} but its smoke test failed: " + "; ".join(smoke.failures))
@@ -53,7 +50,7 @@ def rollback_release(
 
 @flow(name="rollback")
 def rollback(model_name: str = DEFAULT_MODEL_NAME, tracking_uri: str | None = None,
-             state_dir: Path = Path(".onnxship"), restart_local: bool = True) -> dict:
+             state_dir: Path = DEFAULT_STATE_DIR, restart_local: bool = True) -> dict:
     """Prefect wrapper of `rollback_release` (a deployment can offer rollback as a button)."""
     return rollback_release(model_name, tracking_uri, Path(state_dir), restart_local)
 
@@ -62,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.rollback", description=__doc__.splitlines()[0])
     parser.add_argument("--model-name", default=DEFAULT_MODEL_NAME)
     parser.add_argument("--tracking-uri", default=None)
-    parser.add_argument("--state-dir", type=Path, default=Path(".onnxship"))
+    parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
     parser.add_argument("--no-restart", action="store_true", help="only move the aliases")
     args = parser.parse_args(argv)
     try:

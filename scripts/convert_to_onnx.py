@@ -28,8 +28,8 @@ DEFAULT_OUTPUT = Path("models/model.onnx")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from flows.export import DEFAULT_OPSET
-    from flows.models import DEFAULT_ARCH
+    from flows.stages.export import DEFAULT_OPSET
+    from flows.model.zoo import DEFAULT_ARCH
     from serving.images import RESIZE_POLICIES
 
     parser = argparse.ArgumentParser(
@@ -98,11 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
 
-    from flows.export import DEFAULT_OPSET, MIN_OPSET, ExportError, check_opset, check_output_path, export_onnx
-    from flows.models import ARCHITECTURES, ModelLoadError, load_model
-    from flows.parity import ParityTolerances, check_parity, run_torch
+    from flows.stages.export import DEFAULT_OPSET, MIN_OPSET, ExportError, check_opset, check_output_path, export_onnx
+    from flows.model.zoo import ARCHITECTURES, ModelLoadError, load_model
+    from flows.stages.parity import ParityTolerances, check_parity, run_torch
     from flows.reference import ReferenceImage, ReferenceSetError, load_reference_set
-    from flows.simplify import simplify_onnx
+    from flows.stages.simplify import simplify_onnx
     from serving.runtime import Classifier
     from serving.images import ImageError, load_image
 
@@ -168,10 +168,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"warning: simplification failed, kept the unsimplified graph: {simplified.error}")
 
+    classifier = Classifier(output, device="cpu")  # the server's own session, for the test image and parity
     if test_pixels is not None:
         batch = test_pixels[None]
         _, torch_probs = run_torch(loaded, batch)
-        classifier = Classifier(output, device="cpu")
         onnx_probs = classifier.predict(batch)
         labels = classifier.labels
         print(f"test image {args.test_image}:")
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if references:
         tolerances = ParityTolerances(max_prob_diff=args.max_prob_diff)
-        result = check_parity(loaded, output, references, batch_sizes=(1, 4), tolerances=tolerances)
+        result = check_parity(loaded, classifier, references, batch_sizes=(1, 4), tolerances=tolerances)
         print(f"parity: {result.summary()}")
         if not result.passed:
             return fail("parity check failed: " + "; ".join(result.failures), FAILED)

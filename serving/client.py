@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import requests
 
@@ -135,10 +136,16 @@ class ClassifierClient:
             return False
         return response.status_code == 200
 
-    def wait_until_ready(self, timeout: float = 120.0, interval: float = 0.5) -> None:
+    def wait_until_ready(self, timeout: float = 120.0, interval: float = 0.5,
+                         abort: Callable[[], str | None] | None = None) -> None:
+        """Poll GET /ready until 200; ClientError after `timeout` seconds, or as soon as `abort()`
+        returns a reason (e.g. the server process that should answer has exited)."""
         deadline = time.monotonic() + timeout
         last = "never answered"
         while True:
+            reason = abort() if abort else None
+            if reason:
+                raise ClientError(f"{self.url}/ready", None, f"{reason} (last: {last})")
             try:
                 response, _ = self._request("GET", "/ready", ok=(200, 503), timeout=min(self.timeout, 5.0))
                 if response.status_code == 200:

@@ -1,21 +1,24 @@
 """Where a model comes from: a file path, or a registry URI that follows the MLflow registry.
 
-`DEFAULT_TRACKING_URI` is the one place the default MLflow store is named (relative to the
-repository root, where `make release` runs): the sqlite database `mlruns/mlflow.db`, artifacts
-under `mlruns/artifacts`. `MLFLOW_TRACKING_URI` overrides it. mlflow is imported only for a
-`models:/...` URI, so the server image (no mlflow) serves plain files.
+This is the one reader of the MLflow registry: the server uses it for `--model models:/name@alias`,
+and `flows/registry.py` (the release's writer) reuses its tracking-URI default, alias lookup and
+download. `DEFAULT_TRACKING_URI` is the one place the default store is named (relative to the
+repository root, where `make release` runs): the sqlite database `mlruns/mlflow.db`, artifacts under
+`mlruns/artifacts`. `MLFLOW_TRACKING_URI` overrides it. mlflow is imported only for a `models:/...`
+URI, so the server image (no mlflow) serves plain files.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
-DEFAULT_ARTIFACT_LOCATION = "mlruns/artifacts"
 MODELS_SCHEME = "models:/"
+ONNX_FILE_NAME = "model.onnx"
 
 
 class ModelUriError(ValueError):
@@ -32,8 +35,9 @@ class ResolvedModel:
     alias: str | None = None
 
 
-def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+def tracking_uri(explicit: str | None = None) -> str:
+    """The MLflow store: `explicit`, else $MLFLOW_TRACKING_URI, else the project's sqlite store."""
+    return explicit or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
 def parse_models_uri(uri: str) -> tuple[str, str | None, str | None]:
@@ -50,12 +54,49 @@ def parse_models_uri(uri: str) -> tuple[str, str | None, str | None]:
     raise ModelUriError(f"{uri!r}: expected models:/<name>@<alias> or models:/<name>/<version>")
 
 
-def find_onnx(directory: Path, uri: str) -> Path:
+def alias_version(client, name: str, alias: str) -> str | None:
+    """The version `alias` points at, or None when the model or the alias does not exist."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def pick_onnx(directory: Path, what: str) -> Path:
+    """The artifact in a downloaded model directory: `model.onnx` if present, else the first .onnx."""
     candidates = sorted(directory.rglob("*.onnx"))
     if not candidates:
-        raise ModelUriError(f"{uri}: the registered artifact holds no .onnx file (downloaded to {directory})")
-    named = [c for c in candidates if c.name == "model.onnx"]
+        raise ModelUriError(f"{what}: the registered artifact holds no .onnx file (downloaded to {directory})")
+    named = [c for c in candidates if c.name == ONNX_FILE_NAME]
     return (named or candidates)[0]
+
+
+def download_version(client, name: str, version: str, dst_dir: str | Path) -> Path:
+    """Download version `version` of `name` and return `dst_dir/model.onnx`."""
+    import mlflow.artifacts
+
+    dst_dir = Path(dst_dir)
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dst_dir) as scratch:
+        local = Path(mlflow.artifacts.download_artifacts(
+            artifact_uri=f"{MODELS_SCHEME}{name}/{version}", dst_path=scratch, tracking_uri=client.tracking_uri
+        ))
+        found = local if local.suffix == ".onnx" else pick_onnx(local, f"{MODELS_SCHEME}{name}/{version}")
+        target = dst_dir / ONNX_FILE_NAME
+        shutil.move(str(found), target)
+    return target
+
+
+def connect(store: str):
+    """An MlflowClient for tracking and registry on `store`."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(store)
+    mlflow.set_registry_uri(store)
+    return MlflowClient(tracking_uri=store, registry_uri=store)
 
 
 def resolve_model(uri_or_path: str | Path, dst_dir: str | Path | None = None) -> ResolvedModel:
@@ -69,26 +110,22 @@ def resolve_model(uri_or_path: str | Path, dst_dir: str | Path | None = None) ->
         return ResolvedModel(path=path.resolve(), uri=text)
     name, alias, version = parse_models_uri(text)
     try:
-        import mlflow
         from mlflow.exceptions import MlflowException
-        from mlflow.tracking import MlflowClient
     except ImportError:
         raise ModelUriError(
             f"{text}: resolving a registry URI needs mlflow, which this environment lacks "
             "(pip install -r requirements/pipeline.txt), or pass the model file's path"
         ) from None
     store = tracking_uri()
-    client = MlflowClient(tracking_uri=store, registry_uri=store)
+    client = connect(store)
+    if alias is not None:
+        version = alias_version(client, name, alias)
+        if version is None:
+            raise ModelUriError(f"{text}: not found in the MLflow registry at {store}: "
+                                f"model {name!r} has no alias {alias!r}")
     try:
-        found = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
-        target = Path(dst_dir or tempfile.mkdtemp(prefix="onnxship-model-"))
-        target.mkdir(parents=True, exist_ok=True)
-        mlflow.set_registry_uri(store)
-        local = mlflow.artifacts.download_artifacts(
-            artifact_uri=f"{MODELS_SCHEME}{name}/{found.version}", dst_path=str(target), tracking_uri=store
-        )
+        run_id = client.get_model_version(name, version).run_id
+        path = download_version(client, name, version, dst_dir or tempfile.mkdtemp(prefix="onnxship-model-"))
     except MlflowException as error:
         raise ModelUriError(f"{text}: not found in the MLflow registry at {store}: {error.message}") from None
-    local_path = Path(local)
-    path = local_path if local_path.suffix == ".onnx" else find_onnx(local_path, text)
-    return ResolvedModel(path=path, uri=text, name=name, version=str(found.version), run_id=found.run_id, alias=alias)
+    return ResolvedModel(path=path, uri=text, name=name, version=version, run_id=run_id, alias=alias)

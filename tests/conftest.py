@@ -27,9 +27,9 @@ def images_dir() -> Path:
 @pytest.fixture(scope="session")
 def default_artifact(tmp_path_factory) -> Path:
     """The bundled default model exported once per test session (EfficientNet-Lite0)."""
-    from flows.export import export_onnx
-    from flows.models import DEFAULT_ARCH, load_model
-    from flows.simplify import simplify_onnx
+    from flows.stages.export import export_onnx
+    from flows.model.zoo import DEFAULT_ARCH, load_model
+    from flows.stages.simplify import simplify_onnx
 
     target = tmp_path_factory.mktemp("artifact") / "model.onnx"
     export_onnx(load_model(DEFAULT_ARCH), target)

@@ -171,6 +171,6 @@ def fake_cli(tmp_path, monkeypatch):
 
 @pytest.fixture
 def bundle_settings(tmp_path):
-    from flows.cerebrium import CerebriumSettings
+    from flows.params import CerebriumSettings
 
     return CerebriumSettings(bundle_dir=tmp_path / "bundles", ready_timeout_s=90, deploy_timeout_s=60)

@@ -9,8 +9,12 @@ from pathlib import Path
 
 import pytest
 
-import flows.cerebrium as cb
-from flows.cerebrium import CerebriumError, CerebriumSettings, preflight, render_toml, stage_bundle, upload_files
+from flows.deploy.cerebrium import bundle as cb_bundle
+from flows.deploy.cerebrium import contract as cb
+from flows.deploy.cerebrium import CerebriumError, preflight, prerequisite_problems, render_toml, stage_bundle, upload_files
+from flows.deploy.cerebrium.command import main as cerebrium_main
+from flows.params import CerebriumSettings
+from serving.artifact import file_sha256
 from tests.deploy.conftest import SERVICE_TOKEN, make_jwt
 
 REPO = Path(__file__).resolve().parents[2]
@@ -63,12 +67,12 @@ def test_include_patterns_behave_like_the_cli(tmp_path):
 def test_stage_bundle(default_artifact, tmp_path):
     settings = CerebriumSettings(bundle_dir=tmp_path, cuda="12", max_batch_size=8, workers=2)
     bundle = stage_bundle(default_artifact, settings, model_name="onnxship-classifier", version="7")
-    sha = cb.file_sha256(default_artifact)
+    sha = file_sha256(default_artifact)
     assert bundle.path == tmp_path / f"onnxship-classifier-{sha[:12]}"
     assert bundle.artifact_sha256 == sha
     assert set(bundle.files) >= {"Dockerfile", "models/model.onnx", "requirements/serving-gpu.txt", "serving/__main__.py"}
     assert not any(f.startswith(("flows/", "tests/", "scripts/")) or f.endswith((".pyc", ".json")) for f in bundle.files)
-    facts = cb.dockerfile_facts((bundle.path / "Dockerfile").read_text())
+    facts = cb_bundle.dockerfile_facts((bundle.path / "Dockerfile").read_text())
     assert facts["args"]["MODEL_SHA256"] == sha
     assert (facts["args"]["WORKERS"], facts["args"]["MAX_BATCH_SIZE"], facts["args"]["MODEL_VERSION"]) == ("2", "8", "7")
     # everything but the pinned ARG lines is the repository's Dockerfile
@@ -113,7 +117,7 @@ BREAKAGES = {
     "dockerfile path": (lambda b: _edit_toml(b, 'dockerfile_path = "./Dockerfile"', 'dockerfile_path = "./Dockerfile.gpu"'),
                         "does not exist"),
     "include": (lambda b: (b.path / "requirements" / "serving-gpu.txt").unlink(), "serving-gpu.txt"),
-    "copy source": (lambda b: _edit_toml(b, '"models/model.onnx"]', '"models/*.bin"]'), "COPYs models/model.onnx"),
+    "copy source": (lambda b: _edit_toml(b, '"models/model.onnx",\n]', '"models/*.bin",\n]'), "COPYs models/model.onnx"),
     "artifact changed": (lambda b: (b.path / "models" / "model.onnx").write_bytes(b"not the model"), "changed after staging"),
     "sha pin": (lambda b: (b.path / "Dockerfile").write_text(
         (b.path / "Dockerfile").read_text().replace(b.artifact_sha256, "1" * 64)), "pins MODEL_SHA256"),
@@ -149,7 +153,7 @@ def test_preflight_checks_the_token(fake_cli, default_artifact, bundle_settings,
 
 def test_preflight_size_limit(fake_cli, default_artifact, bundle_settings, monkeypatch):
     bundle = stage_bundle(default_artifact, bundle_settings)
-    monkeypatch.setattr(cb, "UPLOAD_LIMIT_BYTES", 1024)
+    monkeypatch.setattr(cb, "UPLOAD_LIMIT_BYTES", 1024)  # preflight reads contract.UPLOAD_LIMIT_BYTES
     with pytest.raises(CerebriumError, match="over Cerebrium's 2 GB limit"):
         preflight(bundle, SERVICE_TOKEN)
 
@@ -167,22 +171,22 @@ def test_preflight_lists_every_problem_at_once(fake_cli, default_artifact, bundl
 
 
 def test_prerequisites_for_the_release_validation(fake_cli, monkeypatch):
-    assert cb.prerequisite_problems() == []
+    assert prerequisite_problems() == []
     monkeypatch.delenv("CEREBRIUM_SERVICE_ACCOUNT_TOKEN")
     monkeypatch.delenv("API_KEY")
     monkeypatch.setenv("PATH", "/nonexistent")
-    problems = "\n".join(cb.prerequisite_problems())
+    problems = "\n".join(prerequisite_problems())
     for fragment in ("CEREBRIUM_SERVICE_ACCOUNT_TOKEN", "API_KEY", "pip install cerebrium"):
         assert fragment in problems
 
 
 def test_command_line_stage_and_preflight(default_artifact, tmp_path, monkeypatch, capsys):
     out = tmp_path / "by-hand"
-    assert cb.main(["stage", str(default_artifact), "--out", str(out), "--compute", "ADA_L4"]) == 0
+    assert cerebrium_main(["stage", str(default_artifact), "--out", str(out), "--compute", "ADA_L4"]) == 0
     assert f"staged {out}" in capsys.readouterr().out
     assert tomllib.loads((out / "cerebrium.toml").read_text())["cerebrium"]["hardware"]["compute"] == "ADA_L4"
     monkeypatch.delenv("CEREBRIUM_SERVICE_ACCOUNT_TOKEN", raising=False)
     monkeypatch.setenv("PATH", "/nonexistent")
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert cb.main(["preflight", str(default_artifact), "--out", str(out)]) == 1
+    assert cerebrium_main(["preflight", str(default_artifact), "--out", str(out)]) == 1
     assert "no service-account token" in capsys.readouterr().out

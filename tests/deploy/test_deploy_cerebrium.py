@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.cerebrium import CerebriumError, deploy_cerebrium, parse_endpoint, resolve_cli
+from flows.deploy.cerebrium import CerebriumError, deploy_cerebrium, parse_endpoint, resolve_cli
 from flows.deploy import DeployError
 from tests.deploy.conftest import APP_KEY, GATEWAY_JWT, PROJECT, SERVICE_TOKEN
 
@@ -55,10 +55,10 @@ def test_deploy_live_then_smoke_and_test_server(fake_cli, default_artifact, bund
     assert toml["hardware"]["compute"] == bundle_settings.compute
 
     # the release's smoke test through the gateway (Bearer JWT for the gateway, X-API-Key for the app)
-    from flows.params import ReleaseParams, load_references
-    from flows.smoke import run_smoke_test
+    from flows.reference import load_references
+    from flows.stages.smoke import run_smoke_test
 
-    references = load_references(ReleaseParams())
+    references = load_references()
     result = run_smoke_test(endpoint.url, endpoint.api_key, references, latency_budget_s=10.0,
                             gateway_token=endpoint.gateway_token)
     # every image went through the gateway and got an answer (expected classes are the gate's and
@@ -102,7 +102,7 @@ def test_cli_failures_are_named(fake_cli, default_artifact, bundle_settings, mod
 
 
 def test_a_build_that_never_ends_is_cancelled(fake_cli, default_artifact, tmp_path):
-    from flows.cerebrium import CerebriumSettings
+    from flows.params import CerebriumSettings
 
     fake_cli.configure("hang")
     settings = CerebriumSettings(bundle_dir=tmp_path / "bundles", deploy_timeout_s=3)

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 import requests
 
-import flows.cerebrium as cb
-from flows.cerebrium import CerebriumSettings, dockerfile_facts, stage_bundle
+from flows.deploy.cerebrium import contract as cb
+from flows.deploy.cerebrium.bundle import dockerfile_facts, parse_dockerfile, stage_bundle
+from flows.params import CerebriumSettings
 from tests.deploy.conftest import APP_KEY, GATEWAY_JWT, free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -55,7 +56,7 @@ def test_dockerfile_promises():
     assert "API_KEY" not in env, "the app key must come from a Cerebrium secret, never the image"
     assert "MODEL_SHA256" in env and "MODEL_SHA256" in facts["args"]
     # per-release values are declared after the last RUN, so they never invalidate the pip layer
-    order = [(keyword, rest) for keyword, rest in cb.parse_dockerfile(DOCKERFILE)]
+    order = [(keyword, rest) for keyword, rest in parse_dockerfile(DOCKERFILE)]
     last_run = max(i for i, (keyword, _) in enumerate(order) if keyword == "RUN")
     for name in ("MODEL_SHA256", "WORKERS", "MAX_BATCH_SIZE", "BATCH_TIMEOUT", "MODEL_VERSION"):
         assert min(i for i, (k, rest) in enumerate(order) if k == "ARG" and rest.startswith(name + "=")) > last_run

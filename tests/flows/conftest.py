@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from support import free_port
 
-from flows.local import read_state, stop_server
+from flows.deploy.local import read_state, stop_server
 from flows.params import ReleaseParams
 
 
@@ -49,7 +49,7 @@ def broken_weights(tmp_path_factory) -> Path:
     and ONNX agree), but predicts other classes, so the gate must reject it."""
     import torch
 
-    from flows.models import load_model
+    from flows.model.zoo import load_model
 
     loaded = load_model("efficientnet_lite0")
     state = {k: v.clone() for k, v in loaded.module.state_dict().items()}

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from flows.gate import CandidateFigures, ChampionComparison, compare_with_champion, evaluate_gate
-from flows.params import GateThresholds, ParitySettings, load_references, ReleaseParams
+from flows.stages.gate import CandidateFigures, ChampionComparison, compare_with_champion, evaluate_gate
+from flows.params import GateThresholds, ParitySettings
+from flows.reference import load_references
+from flows.stages.accuracy import measure_accuracy
+from serving.runtime import Classifier
 
 GOOD = CandidateFigures(top1_agreement=1.0, max_prob_diff=2e-6, accuracy=1.0, accuracy_correct=4, accuracy_total=4,
                         p95_ms=20.0)
@@ -52,8 +55,10 @@ def test_regression_against_champion_fails():
 
 
 def test_broken_candidate_is_rejected_against_champion_measured_in_process(default_artifact, broken_artifact):
-    references = load_references(ReleaseParams())
-    measured = compare_with_champion(broken_artifact, default_artifact, "1", references, duration_s=0.2, rounds=2)
+    references = load_references()
+    candidate = Classifier(broken_artifact, device="cpu")
+    measured = compare_with_champion(candidate, measure_accuracy(candidate, references).top1, default_artifact, "1",
+                                     references, duration_s=0.2, rounds=2)
     assert measured.candidate_accuracy < measured.champion_accuracy
     assert measured.champion_p95_ms > 0 and measured.candidate_p95_ms > 0
     verdict = evaluate_gate(GOOD, GateThresholds(), ParitySettings(), measured)

@@ -9,10 +9,12 @@ from dataclasses import replace
 
 import pytest
 
-from flows.deploy import DeployError, Endpoint, deploy
-from flows.local import pid_alive, read_state, state_path, stop_server
-from flows.params import ReleaseParams, load_references
-from flows.smoke import SmokeTestFailed, run_smoke_test, smoke_test
+from flows.deploy import DeployError, Endpoint, ModelVersion, deploy
+from flows.deploy.local import pid_alive, read_state, state_path, stop_server
+from flows.params import ReleaseParams
+from flows.reference import load_references
+from flows.smoke import smoke_test
+from flows.stages.smoke import SmokeTestFailed, run_smoke_test
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +22,7 @@ def local_server(default_artifact, tmp_path_factory, free_port):
     """One real server for the module, deployed the way the release deploys it."""
     state_dir = tmp_path_factory.mktemp("local-state")
     params = ReleaseParams(state_dir=state_dir, server={"port": free_port(), "workers": 1})
-    endpoint = deploy("local", default_artifact, params, model_name="onnxship-classifier", version="7")
+    endpoint = deploy("local", default_artifact, params, ModelVersion("onnxship-classifier", "7"))
     yield endpoint, params
     stop_server(state_dir)
     assert not pid_alive(endpoint.details["pid"])
@@ -28,7 +30,7 @@ def local_server(default_artifact, tmp_path_factory, free_port):
 
 @pytest.fixture(scope="module")
 def references():
-    return load_references(ReleaseParams())
+    return load_references()
 
 
 def test_local_deploy_records_pid_url_and_key(local_server):
@@ -106,8 +108,8 @@ def test_port_held_by_another_process_is_refused(default_artifact, tmp_path):
 
 
 def test_stop_command_stops_by_pid_and_keeps_the_key(local_server, capsys, monkeypatch):
-    """Last in this module: `make stop-server` (python -m flows.local stop) on the module's server."""
-    from flows.local import main as local_main, resolve_api_key
+    """Last in this module: `make stop-server` (python -m flows.deploy.local stop) on the module's server."""
+    from flows.deploy.local import main as local_main, resolve_api_key
 
     endpoint, params = local_server
     pid = endpoint.details["pid"]

@@ -8,7 +8,8 @@ import pytest
 from support import free_port
 from pydantic import ValidationError
 
-from flows.params import ParameterError, ReleaseParams, validate_release_params
+from flows.params import ParameterError, ReleaseParams
+from flows.validate import validate_release_params
 from flows.release import main as release_main
 
 

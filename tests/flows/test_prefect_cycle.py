@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from flows import registry
-from flows.local import read_state, stop_server
+from flows.deploy.local import read_state, stop_server
 
 PREFECT = str(Path(sys.executable).with_name("prefect"))
 

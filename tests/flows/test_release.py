@@ -7,11 +7,12 @@ from __future__ import annotations
 import pytest
 
 from flows import registry
-from flows.local import read_state, state_is_alive
+from flows.deploy.local import read_state, state_is_alive
 from flows.release import GateRejected, ReleaseFailed, release
 from flows.rollback import rollback_release
-from flows.smoke import run_smoke_test
-from flows.params import SmokeSettings, load_references
+from flows.params import SmokeSettings
+from flows.reference import load_references
+from flows.stages.smoke import run_smoke_test
 
 NAME = "onnxship-classifier"
 
@@ -27,7 +28,7 @@ def first_release(prefect_harness, tmp_path_factory, fast_params):
         outcome = release(params)
         yield params, outcome
     finally:
-        from flows.local import stop_server
+        from flows.deploy.local import stop_server
 
         stop_server(state_dir)
 
@@ -74,7 +75,7 @@ def test_broken_candidate_is_rejected_and_moves_nothing(first_release, broken_we
     assert "accuracy vs champion v1" in tags["gate.reasons"] and tags["gate.compared_with"] == "1"
     rejected_run = client.get_run(client.get_model_version(NAME, "2").run_id)
     assert rejected_run.info.status == "FAILED"
-    from flows.smoke import SMOKE_METRIC_KEYS
+    from flows.stages.smoke import SMOKE_METRIC_KEYS
 
     assert set(SMOKE_METRIC_KEYS) <= set(rejected_run.data.metrics), "same metric keys as a promoted release"
     state = read_state(params.state_dir)
@@ -111,5 +112,5 @@ def test_rollback_restores_previous_and_restarts_the_server(first_release, defau
     assert registry.aliases(client, NAME) == {"candidate": v3, "champion": "1", "previous": v3}
     state = read_state(params.state_dir)
     assert state["version"] == "1" and state["pid"] != old_pid and state_is_alive(state)
-    smoke = run_smoke_test(state["url"], state["api_key"], load_references(params), 5.0)
+    smoke = run_smoke_test(state["url"], state["api_key"], load_references(params.images_dir, params.manifest), 5.0)
     assert smoke.passed, smoke.failures

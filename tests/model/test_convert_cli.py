@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from flows.models import bundled_efficientnet_lite0_weights
-from flows.resnet import resnet18
+from flows.model.zoo import bundled_efficientnet_lite0_weights
+from flows.model.resnet import resnet18
 from serving.artifact import file_sha256, read_metadata
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -9,12 +9,14 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+
+from serving.runtime import Classifier
 import torch
 
-from flows.accuracy import measure_accuracy
-from flows.export import DEFAULT_OPSET, ExportError, export_onnx
-from flows.models import LoadedModel, ModelSpec, bundled_efficientnet_lite0_weights, load_model
-from flows.parity import ParityError, ParityTolerances, check_parity, reference_normalise
+from flows.stages.accuracy import measure_accuracy
+from flows.stages.export import DEFAULT_OPSET, ExportError, export_onnx
+from flows.model.zoo import LoadedModel, ModelSpec, bundled_efficientnet_lite0_weights, load_model
+from flows.stages.parity import ParityError, ParityTolerances, check_parity, reference_normalise
 from flows.reference import load_imagenet_labels, load_reference_set
 from serving.artifact import file_sha256, read_metadata
 
@@ -53,7 +55,7 @@ def test_default_artifact_honours_the_contract(default_artifact):
 
 def test_efficientnet_parity_and_expected_classes_on_real_photos(default_artifact, efficientnet):
     references = load_reference_set()
-    result = check_parity(efficientnet, default_artifact, references, batch_sizes=(1, 4))
+    result = check_parity(efficientnet, Classifier(default_artifact, device="cpu"), references, batch_sizes=(1, 4))
     assert result.passed, result.failures
     assert result.images == len(references) == 6 and result.batch_sizes == (1, 4)
     assert result.top1_agreement == 1.0 and result.top5_agreement == 1.0
@@ -78,7 +80,7 @@ def test_resnet18_random_weights_export_and_parity(tmp_path):
     assert result.metadata.resize_policy == "center_crop" and result.metadata.arch == "resnet18"
     assert result.metadata.mean == (0.485, 0.456, 0.406)
     assert result.metadata.weights_sha256 == loaded.weights_sha256
-    parity = check_parity(loaded, result.path, load_reference_set(), batch_sizes=(1, 4))
+    parity = check_parity(loaded, Classifier(result.path, device="cpu"), load_reference_set(), batch_sizes=(1, 4))
     assert parity.passed, parity.failures
 
 
@@ -110,14 +112,14 @@ def test_folded_preprocessing_equals_the_reference_preprocessing(tmp_path):
 def test_parity_failure_is_reported(default_artifact, efficientnet):
     references = load_reference_set()[:2]
     strict = ParityTolerances(max_prob_diff=0.0)
-    result = check_parity(efficientnet, default_artifact, references, tolerances=strict)
+    result = check_parity(efficientnet, Classifier(default_artifact, device="cpu"), references, tolerances=strict)
     if result.max_abs_prob_diff == 0.0:
         pytest.skip("bit-identical outputs: nothing to exceed")
     assert not result.passed and "max |probability diff|" in result.failures[0]
     with pytest.raises(ParityError, match="parity check failed: max \\|probability diff\\|"):
         result.raise_for_failure()
     other = load_model("resnet18", random_init=True)  # a different model must not pass parity
-    result = check_parity(other, default_artifact, references)
+    result = check_parity(other, Classifier(default_artifact, device="cpu"), references)
     assert not result.passed and result.top1_agreement < 1.0
     assert "top-1 agreement" in result.failures[0] and "chelsea.png" in result.failures[0]
 
@@ -133,7 +135,7 @@ def test_export_refuses_missing_or_read_only_output_directory(tmp_path, read_onl
 
 
 def test_accuracy_command_measures_an_artifact(default_artifact, images_dir, capsys):
-    from flows.accuracy import main
+    from flows.stages.accuracy import main
 
     assert main(["--images-dir", str(images_dir), "--model", str(default_artifact), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)["artifact"]

@@ -7,8 +7,8 @@ import textwrap
 import pytest
 import torch
 
-from flows.models import ARCHITECTURES, ModelLoadError, load_model
-from flows.resnet import resnet18, resnet34, resnet50
+from flows.model.zoo import ARCHITECTURES, ModelLoadError, load_model
+from flows.model.resnet import resnet18, resnet34, resnet50
 
 
 @pytest.mark.parametrize(

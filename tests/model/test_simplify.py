@@ -9,7 +9,7 @@ import onnx
 import onnx.helper
 import onnxruntime as ort
 
-from flows.simplify import simplify_onnx
+from flows.stages.simplify import simplify_onnx
 from serving.artifact import ArtifactMetadata, read_metadata
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from serving import __version__ as ONNXSHIP_VERSION
 from serving.artifact import INPUT_NAME, LOGITS_NAME, PROBABILITIES_NAME, ArtifactMetadata
 from serving.images import RESIZE_POLICIES
-from flows.models import LoadedModel
+from flows.model.zoo import LoadedModel
 
 DEFAULT_OPSET = 20  # the newest opset torch's TorchScript exporter (dynamo=False) writes
 MIN_OPSET = 13

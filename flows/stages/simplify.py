@@ -16,7 +16,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from flows.export import write_model
+from flows.stages.export import write_model
 
 DEFAULT_TIMEOUT_S = 300.0
 

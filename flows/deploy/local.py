@@ -1,12 +1,12 @@
 """The `local` deploy target: a real `python -m serving` process on 127.0.0.1:8192 (by default).
 
 The server is detached (its own session), so it outlives the release command. Its pid, URL, port,
-API key and model are recorded in `.onnxship/local-server.json`; `make stop-server` (this module's
-`stop` command) stops it by that PID. A new release replaces the server it recorded; a port held
-by anything else is an error.
+API key and model are recorded in `.onnxship/local-server.json` (mode 0600); `make stop-server`
+(this module's `stop` command) stops it by that PID. A new release replaces the server it recorded;
+a port held by anything else is an error.
 
-    python -m flows.local status
-    python -m flows.local stop
+    python -m flows.deploy.local status
+    python -m flows.deploy.local stop
 """
 
 from __future__ import annotations
@@ -16,21 +16,42 @@ import json
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from flows.deploy import DeployError, Endpoint
-
-if TYPE_CHECKING:
-    from flows.params import ReleaseParams
+from flows.deploy.base import DeployError, Endpoint, ModelVersion
+from flows.params import DEFAULT_STATE_DIR, ParameterError, ReleaseParams
+from flows.secrets import APP_KEY, secret_with_source
 
 STATE_FILE = "local-server.json"
 LOG_FILE = "local-server.log"
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class LocalTarget:
+    name = "local"
+
+    def check(self, params: ReleaseParams) -> str | None:
+        state = read_state(params.state_dir)
+        host, port = params.server.host, params.server.port
+        if state and state_is_alive(state) and int(state.get("port", -1)) == port:
+            return f"port {port}: our local server (pid {state['pid']}) will be replaced by the new release"
+        if port_in_use(host, port):
+            raise ParameterError(
+                f"port {port} on {host} is already in use by another process: stop it, or pass "
+                "server.port (make release PORT=...)"
+            )
+        return None
+
+    def deploy(self, artifact: Path, params: ReleaseParams, model: ModelVersion) -> Endpoint:
+        return deploy_local(artifact, params, model)
+
+
+# ---------------------------------------------------------------- the state file
 
 
 def state_path(state_dir: Path) -> Path:
@@ -38,9 +59,8 @@ def state_path(state_dir: Path) -> Path:
 
 
 def read_state(state_dir: Path) -> dict | None:
-    path = state_path(state_dir)
     try:
-        return json.loads(path.read_text())
+        return json.loads(state_path(state_dir).read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
 
@@ -53,6 +73,20 @@ def write_state(state_dir: Path, state: dict) -> Path:
     os.chmod(tmp, 0o600)  # it holds the API key
     tmp.replace(path)
     return path
+
+
+def resolve_api_key(previous: dict | None) -> tuple[str, str]:
+    """The app key ($API_KEY or its Prefect Secret), else the key the local server already used,
+    else a new random one. Returns (key, source): "env ..." | "state" | "generated"."""
+    key, source = secret_with_source(APP_KEY)
+    if key:
+        return key, source
+    if previous and previous.get("api_key"):
+        return previous["api_key"], "state"
+    return secrets.token_urlsafe(24), "generated"
+
+
+# ---------------------------------------------------------------- processes
 
 
 def pid_alive(pid: int) -> bool:
@@ -83,66 +117,14 @@ def state_is_alive(state: dict) -> bool:
     return pid > 0 and pid_alive(pid) and is_our_server(pid)
 
 
-def resolve_api_key(previous: dict | None) -> tuple[str, str]:
-    """API_KEY from the environment, else the key the local server already used, else a new
-    random one. Returns (key, source): "env" | "state" | "generated"."""
-    if os.environ.get("API_KEY"):
-        return os.environ["API_KEY"], "env"
-    if previous and previous.get("api_key"):
-        return previous["api_key"], "state"
-    return secrets.token_urlsafe(24), "generated"
-
-
-def server_command(model_path: Path, params: ReleaseParams, model_name: str | None = None,
-                   version: str | None = None, run_id: str | None = None) -> list[str]:
-    from serving.artifact import file_sha256
-
-    s = params.server
-    command = [sys.executable, "-m", "serving", "--model", str(model_path), "--host", s.host, "--port", str(s.port),
-               "--device", s.device, "--expected-sha256", file_sha256(model_path)]
-    for flag, value in (("--workers", s.workers), ("--max-batch-size", s.max_batch_size),
-                        ("--batch-timeout", s.batch_timeout), ("--model-name", model_name),
-                        ("--model-version", version), ("--model-run-id", run_id)):
-        if value is not None:
-            command += [flag, str(value)]
-    return command
-
-
-def start_server(model_path: Path, params: ReleaseParams, api_key: str, log_path: Path,
-                 **identity: str | None) -> subprocess.Popen:
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "API_KEY": api_key, "PYTHONUNBUFFERED": "1"}
-    with open(log_path, "ab") as log:
-        return subprocess.Popen(
-            server_command(model_path, params, **identity), cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
-        )
-
-
-def wait_ready(process: subprocess.Popen, url: str, api_key: str, timeout_s: float, log_path: Path) -> None:
-    from serving.client import ClassifierClient
-
-    client = ClassifierClient(url, api_key=api_key, timeout=5.0)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise DeployError(f"local server exited with code {process.returncode} before it was ready; "
-                              f"log {log_path}:\n{tail(log_path)}")
+def port_in_use(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            if client.ready():
-                return
-        except Exception:
-            pass
-        time.sleep(0.5)
-    stop_pid(process.pid)
-    raise DeployError(f"local server not ready after {timeout_s:g} s (stopped it); log {log_path}:\n{tail(log_path)}")
-
-
-def tail(path: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
 
 
 def stop_pid(pid: int, timeout_s: float = 20.0) -> bool:
@@ -173,6 +155,55 @@ def reap(pid: int) -> None:
         pass
 
 
+def server_command(model_path: Path, params: ReleaseParams, model: ModelVersion) -> list[str]:
+    from serving.artifact import file_sha256
+
+    s = params.server
+    command = [sys.executable, "-m", "serving", "--model", str(model_path), "--host", s.host, "--port", str(s.port),
+               "--device", s.device, "--expected-sha256", file_sha256(model_path)]
+    for flag, value in (("--workers", s.workers), ("--max-batch-size", s.max_batch_size),
+                        ("--batch-timeout", s.batch_timeout), ("--model-name", model.name),
+                        ("--model-version", model.version), ("--model-run-id", model.run_id)):
+        if value is not None:
+            command += [flag, str(value)]
+    return command
+
+
+def start_server(model_path: Path, params: ReleaseParams, model: ModelVersion, api_key: str,
+                 log_path: Path) -> subprocess.Popen:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "API_KEY": api_key, "PYTHONUNBUFFERED": "1"}
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            server_command(model_path, params, model), cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+
+
+def wait_ready(process: subprocess.Popen, url: str, api_key: str, timeout_s: float, log_path: Path) -> None:
+    from serving.client import ClassifierClient, ClientError
+
+    def exited() -> str | None:
+        return None if process.poll() is None else f"the server exited with code {process.returncode}"
+
+    try:
+        ClassifierClient(url, api_key=api_key, timeout=5.0).wait_until_ready(timeout_s, abort=exited)
+    except ClientError as error:
+        if process.poll() is None:
+            stop_pid(process.pid)
+        raise DeployError(f"local server not ready ({error.error}); log {log_path}:\n{tail(log_path)}") from None
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+# ---------------------------------------------------------------- deploy / stop
+
+
 def stop_server(state_dir: Path) -> dict | None:
     """Stop the recorded local server (if running); returns its state. The record stays, without
     a pid, so the next release reuses the API key and a scheduled smoke test reports the server down."""
@@ -187,11 +218,8 @@ def stop_server(state_dir: Path) -> dict | None:
     return state
 
 
-def deploy_local(artifact_path: Path, params: ReleaseParams, model_name: str | None = None,
-                 version: str | None = None, run_id: str | None = None, **_: object) -> Endpoint:
+def deploy_local(artifact_path: Path, params: ReleaseParams, model: ModelVersion) -> Endpoint:
     """Start (or replace) the local server on the registered artifact and wait until /ready."""
-    from flows.params import port_in_use
-
     state_dir = Path(params.state_dir)
     previous = read_state(state_dir)
     api_key, key_source = resolve_api_key(previous)
@@ -201,30 +229,31 @@ def deploy_local(artifact_path: Path, params: ReleaseParams, model_name: str | N
     if port_in_use(host, port):
         raise DeployError(f"port {port} on {host} is in use by another process: stop it or choose server.port")
     # keep the deployed file where the server can find it after the release's temp files are gone
-    deployed = state_dir / "deployed" / f"{model_name or 'model'}-v{version or 'dev'}.onnx"
+    deployed = state_dir / "deployed" / f"{model.name or 'model'}-v{model.version or 'dev'}.onnx"
     deployed.parent.mkdir(parents=True, exist_ok=True)
     if Path(artifact_path).resolve() != deployed.resolve():
         deployed.write_bytes(Path(artifact_path).read_bytes())
     log_path = state_dir / LOG_FILE
     url = f"http://{host}:{port}"
-    process = start_server(deployed, params, api_key, log_path, model_name=model_name, version=version, run_id=run_id)
+    process = start_server(deployed, params, model, api_key, log_path)
     wait_ready(process, url, api_key, params.server.start_timeout_s, log_path)
     state = {"pid": process.pid, "url": url, "host": host, "port": port, "api_key": api_key,
-             "model_name": model_name, "version": version, "model_path": str(deployed.resolve()),
+             "model_name": model.name, "version": model.version, "model_path": str(deployed.resolve()),
              "log": str(log_path.resolve()), "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     write_state(state_dir, state)
     return Endpoint(
         url=url, target="local", api_key=api_key,
         details={"pid": process.pid, "log": str(log_path), "state_file": str(state_path(state_dir)),
                  "api_key_source": key_source, "model_path": str(deployed)},
-        stop_hint="make stop-server" if state_dir == Path(".onnxship") else f"python -m flows.local stop --state-dir {state_dir}",
+        stop_hint="make stop-server" if state_dir == DEFAULT_STATE_DIR
+        else f"python -m flows.deploy.local stop --state-dir {state_dir}",
     )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flows.local", description="The local release server.")
+    parser = argparse.ArgumentParser(prog="python -m flows.deploy.local", description="The local release server.")
     parser.add_argument("command", choices=("stop", "status"))
-    parser.add_argument("--state-dir", type=Path, default=Path(".onnxship"))
+    parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
     args = parser.parse_args(argv)
     state = read_state(args.state_dir)
     if args.command == "status":

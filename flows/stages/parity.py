@@ -10,13 +10,12 @@ raw uint8 batch and normalises inside the graph. The artifact is run at every ba
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from serving.runtime import Classifier
-from flows.models import LoadedModel
+from flows.model.zoo import LoadedModel
 from flows.reference import ReferenceImage
 
 
@@ -44,6 +43,10 @@ class ParityResult:
         data = asdict(self)
         data["batch_sizes"] = list(self.batch_sizes)
         return data
+
+    def onnx_classes(self) -> list[int]:
+        """The artifact's top-1 class per reference image, in order (what a deployment must answer)."""
+        return [int(row["onnx_top1"]) for row in self.per_image]
 
     def raise_for_failure(self) -> None:
         if not self.passed:
@@ -90,14 +93,15 @@ def run_torch(loaded: LoadedModel, images: np.ndarray) -> tuple[np.ndarray, np.n
 
 def check_parity(
     loaded: LoadedModel,
-    onnx_path: str | Path,
+    classifier: Classifier,
     references: Sequence[ReferenceImage],
     batch_sizes: Sequence[int] = (1, 4),
     tolerances: ParityTolerances = ParityTolerances(),
 ) -> ParityResult:
+    """Compare `loaded` (PyTorch) with `classifier` (the artifact in the server's own ONNX Runtime
+    session and preprocessing) on `references`, at every batch size."""
     if not references:
         raise ValueError("parity needs at least one reference image")
-    classifier = Classifier(onnx_path, device="cpu")  # the server's own session and preprocessing
     images = np.stack([classifier.load_input(r.path) for r in references])
     torch_logits, torch_probs = run_torch(loaded, images)
     torch_top1 = torch_probs.argmax(axis=1)

@@ -16,6 +16,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from serving.runtime import Classifier
+
 ENGINE_ORT = "onnxruntime"
 ENGINE_ORT_DECODE = "onnxruntime+decode"
 ENGINE_TORCH = "pytorch"
@@ -89,21 +91,16 @@ def take(items: Sequence, count: int) -> list:
 
 
 def benchmark_artifact(
-    artifact_path: Path,
+    classifier: Classifier,
     image_paths: Sequence[Path],
     batch_sizes: Sequence[int] = (1, 4, 8),
     duration_s: float = 2.0,
     warmup_calls: int = 2,
-    threads: int | None = None,
     torch_module=None,
     progress: Progress | None = None,
 ) -> BenchmarkResult:
-    """Benchmark ORT (decode excluded and included) and, if given, the PyTorch module."""
-    from serving.images import load_image
-    from serving.runtime import Classifier
-
+    """Benchmark the artifact's session (decode excluded and included) and, if given, the PyTorch module."""
     started = time.perf_counter()
-    classifier = Classifier(artifact_path, device="cpu", intra_op_threads=threads)
     meta = classifier.metadata
     encoded = [Path(p).read_bytes() for p in image_paths]
     if not encoded:
@@ -126,7 +123,7 @@ def benchmark_artifact(
         bodies = take(encoded, batch_size)
 
         def decode_and_predict() -> None:
-            images = [load_image(body, meta.input_size, meta.resize_policy) for body in bodies]
+            images = [classifier.load_input(body) for body in bodies]
             classifier.predict(np.stack(images))
 
         rows.append(summarise(ENGINE_ORT_DECODE, batch_size, time_calls(decode_and_predict, duration_s, warmup_calls)))
@@ -136,53 +133,48 @@ def benchmark_artifact(
             rows.append(benchmark_torch(torch_module, np.stack(take(decoded, batch_size)), meta.mean, meta.std,
                                         duration_s, warmup_calls))
             report(f"pytorch b{batch_size}")
-    return BenchmarkResult(rows=rows, providers=list(classifier.providers), threads=threads,
+    return BenchmarkResult(rows=rows, providers=list(classifier.providers), threads=classifier.intra_op_threads,
                            seconds=round(time.perf_counter() - started, 2))
 
 
 def benchmark_torch(module, batch_uint8: np.ndarray, mean, std, duration_s: float, warmup_calls: int) -> LatencyRow:
-    """PyTorch eager on the same uint8 NHWC batch, normalised the way the graph does it."""
+    """PyTorch eager on the same uint8 NHWC batch, through the very preprocessing wrapper that export
+    folds into the graph (flows.stages.export.fold_preprocessing)."""
     import torch
 
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    from flows.stages.export import fold_preprocessing
+
+    folded = fold_preprocessing(module, mean, std)
     images = torch.from_numpy(batch_uint8)
 
     def call() -> None:
         with torch.inference_mode():
-            x = images.permute(0, 3, 1, 2).float().div(255.0)
-            module((x - mean_t) / std_t)
+            folded(images)
 
     return summarise(ENGINE_TORCH, batch_uint8.shape[0], time_calls(call, duration_s, warmup_calls))
 
 
 def compare_latency(
-    candidate: Path,
-    champion: Path,
+    candidate: Classifier,
+    champion: Classifier,
     image_paths: Sequence[Path],
     batch_size: int = 1,
     duration_s: float = 1.0,
     rounds: int = 3,
-    threads: int | None = None,
 ) -> tuple[float, float]:
     """p95 (ms, decode included) of candidate and champion, measured interleaved in this process.
 
     Alternating short rounds (A B A B ...) spreads machine noise evenly over both models, so the
     comparison is fair on a shared machine.
     """
-    from serving.images import load_image
-    from serving.runtime import Classifier
-
-    models = [Classifier(candidate, device="cpu", intra_op_threads=threads),
-              Classifier(champion, device="cpu", intra_op_threads=threads)]
+    models = [candidate, champion]
     bodies = take([Path(p).read_bytes() for p in image_paths], batch_size)
     timings: list[list[float]] = [[], []]
     for _ in range(rounds):
         for index, model in enumerate(models):
-            meta = model.metadata
 
-            def call(model=model, meta=meta) -> None:
-                model.predict(np.stack([load_image(b, meta.input_size, meta.resize_policy) for b in bodies]))
+            def call(model=model) -> None:
+                model.predict(np.stack([model.load_input(b) for b in bodies]))
 
             timings[index].extend(time_calls(call, duration_s / rounds, warmup_calls=1))
     cand, champ = (float(np.percentile(np.asarray(t) * 1000.0, 95)) for t in timings)

@@ -5,9 +5,9 @@ are skipped.
 Measure the resize policies of an architecture on your own labelled images (nothing is written
 into the repository; the artifacts go to a temporary directory):
 
-    python -m flows.accuracy --images-dir ../shared/data/imagenet-sample-dev
-    python -m flows.accuracy --images-dir DIR --arch resnet18 --weights W.pth --policies center_crop
-    python -m flows.accuracy --images-dir DIR --model models/model.onnx
+    python -m flows.stages.accuracy --images-dir ../shared/data/imagenet-sample-dev
+    python -m flows.stages.accuracy --images-dir DIR --arch resnet18 --weights W.pth --policies center_crop
+    python -m flows.stages.accuracy --images-dir DIR --model models/model.onnx
 """
 
 from __future__ import annotations
@@ -83,9 +83,9 @@ def compare_policies(
     arch: str, weights: str | Path | None, references: Sequence[ReferenceImage], policies: Sequence[str]
 ) -> dict[str, AccuracyResult]:
     """Export + simplify `arch` once per resize policy (temporary files), measure each through ONNX Runtime."""
-    from flows.export import export_onnx
-    from flows.models import load_model
-    from flows.simplify import simplify_onnx
+    from flows.stages.export import export_onnx
+    from flows.model.zoo import load_model
+    from flows.stages.simplify import simplify_onnx
 
     loaded = load_model(arch, weights)
     results = {}
@@ -101,7 +101,7 @@ def compare_policies(
 def main(argv: Sequence[str] | None = None) -> int:
     from serving.images import RESIZE_POLICIES
 
-    parser = argparse.ArgumentParser(prog="python -m flows.accuracy", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m flows.stages.accuracy", description=__doc__.split("\n\n")[0])
     parser.add_argument("--images-dir", required=True, type=Path, help="directory with images + manifest.csv")
     parser.add_argument("--manifest", type=Path, help="CSV file,class_index (default: <images-dir>/manifest.csv)")
     parser.add_argument("--model", type=Path, help="measure this artifact instead of exporting --arch")

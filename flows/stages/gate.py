@@ -12,6 +12,9 @@ from pathlib import Path
 from typing import Sequence
 
 from flows.params import GateThresholds, ParitySettings
+from flows.stages.accuracy import measure_accuracy
+from flows.stages.benchmark import compare_latency
+from serving.runtime import Classifier
 
 PASS, FAIL = "pass", "fail"
 
@@ -123,27 +126,25 @@ def evaluate_gate(
 
 
 def compare_with_champion(
-    candidate_path: Path,
+    candidate: Classifier,
+    candidate_accuracy: float,
     champion_path: Path,
     champion_version: str,
     references: Sequence,
     duration_s: float = 1.0,
     rounds: int = 3,
-    threads: int | None = None,
 ) -> ChampionComparison:
-    """Measure candidate and champion side by side: accuracy on the same references, interleaved p95."""
-    from flows.accuracy import measure_accuracy
-    from flows.benchmark import compare_latency
-
-    candidate_acc = measure_accuracy(candidate_path, references)
-    champion_acc = measure_accuracy(champion_path, references)
+    """Measure the champion beside the candidate's session: accuracy on the same references (the
+    candidate's was measured by the parity stage on the same file), interleaved p95."""
+    champion = Classifier(champion_path, device="cpu", intra_op_threads=candidate.intra_op_threads)
+    champion_accuracy = measure_accuracy(champion, references).top1
     images = [ref.path for ref in references]
-    candidate_p95, champion_p95 = compare_latency(candidate_path, champion_path, images, batch_size=1,
-                                                  duration_s=duration_s, rounds=rounds, threads=threads)
+    candidate_p95, champion_p95 = compare_latency(candidate, champion, images, batch_size=1,
+                                                  duration_s=duration_s, rounds=rounds)
     return ChampionComparison(
         champion_version=str(champion_version),
-        champion_accuracy=champion_acc.top1,
-        candidate_accuracy=candidate_acc.top1,
+        champion_accuracy=champion_accuracy,
+        candidate_accuracy=candidate_accuracy,
         champion_p95_ms=champion_p95,
         candidate_p95_ms=candidate_p95,
     )

@@ -86,9 +86,9 @@ def efficientnet_lite0(num_classes: int = 1000) -> "torch.nn.Module":
 
 
 def resnet_family():
-    import flows.resnet
+    import flows.model.resnet
 
-    return flows.resnet
+    return flows.model.resnet
 
 
 def bundled_efficientnet_lite0_weights() -> Path:

@@ -1,0 +1,1 @@
+"""Models: the architecture zoo (arch + weights -> nn.Module) and the torchvision-compatible ResNets."""
