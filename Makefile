@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: install test release convert serve bench cerebrium-bundle rollback stop-server prefect-server prefect-deploy prefect-worker prefect-run
+.PHONY: install test release convert serve bench cerebrium-bundle rollback stop-server api-key prefect-server prefect-deploy prefect-worker prefect-run
 
 install: $(STAMP)
 
@@ -45,6 +45,10 @@ rollback: install
 # Stop the local server that `make release` started (by the PID in .onnxship/local-server.json).
 stop-server:
 	$(PY) -m flows.deploy.local stop
+
+# Print the local server's API key (never printed by the release): API_KEY=$$(make -s api-key)
+api-key:
+	@$(PY) -m flows.deploy.local key
 
 # The Prefect cycle (prefect.yaml): a server, the deployments, a worker, a run.
 PREFECT := $(VENV)/bin/prefect

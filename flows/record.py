@@ -1,10 +1,17 @@
-"""What a release records: the MLflow run's params, metrics and model card, and, at the end, its
-outcome everywhere a person looks (version tags, the MLflow run, the Prefect markdown artifact,
-`models/release/report.md`, the console summary)."""
+"""What a release records, and where.
+
+`ReleaseRun` is the release's one MLflow run: opened right after validation, every stage logs into it
+as it ends (metric keys grouped by stage with `/` and suffixed with their unit, the same keys on every
+release, so `mlflow ui` lines versions up), named `<model> v<N>` once the version exists, and ended
+FINISHED (promoted) or FAILED with the outcome. `record_outcome` then writes the outcome everywhere a
+person looks: version tags, the run, the Prefect markdown artifact, `models/release/report.md`, the
+console summary.
+"""
 
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 from flows import registry
@@ -14,7 +21,41 @@ from flows.stages.benchmark import ENGINE_ORT_DECODE, BenchmarkResult
 from flows.stages.smoke import SMOKE_METRIC_KEYS
 
 
-def run_params(params: ReleaseParams, meta, simplified) -> dict:
+class ReleaseRun:
+    def __init__(self, params: ReleaseParams):
+        self.model_name = params.model_name
+        self.client = registry.connect(params.tracking_uri)
+        self.experiment_id = registry.ensure_experiment(self.client, params.experiment or params.model_name)
+        self.git_commit = registry.git_commit()
+        self.run_id = registry.start_run(
+            self.client, self.experiment_id, f"{params.model_name} release {time.strftime('%Y-%m-%d %H:%M:%S')}",
+            {"onnxship.release": "true", "target": params.target, "git_commit": self.git_commit},
+        )
+
+    @property
+    def link(self) -> str:
+        return registry.run_link(self.client, self.experiment_id, self.run_id)
+
+    def log_params(self, params: dict) -> None:
+        registry.log_params(self.client, self.run_id, params)
+
+    def log_metrics(self, metrics: dict[str, float]) -> None:
+        registry.log_metrics(self.client, self.run_id, metrics)
+
+    def log_artifacts(self, artifacts: dict[str, Path | str | dict]) -> None:
+        registry.log_artifacts(self.client, self.run_id, artifacts)
+
+    def name_version(self, version: str) -> None:
+        """Once registered, the run is named after the version it produced."""
+        self.client.set_tag(self.run_id, "mlflow.runName", f"{self.model_name} v{version}")
+        self.client.set_tag(self.run_id, "model_version", version)
+
+    def end(self, outcome: str) -> None:
+        self.client.set_tag(self.run_id, registry.OUTCOME_TAG, outcome)
+        registry.end_run(self.client, self.run_id, "FINISHED" if outcome == "promoted" else "FAILED")
+
+
+def run_params(params: ReleaseParams, meta, simplified, git_commit: str) -> dict:
     """The same keys on every release, so MLflow's Compare view lines versions up."""
     import onnxruntime
     import torch
@@ -22,7 +63,7 @@ def run_params(params: ReleaseParams, meta, simplified) -> dict:
     return {
         "arch": meta.arch, "weights": str(params.weights or "bundled default"), "weights_sha256": meta.weights_sha256,
         "opset": meta.opset, "input_size": meta.input_size, "resize_policy": meta.resize_policy, "layout": meta.layout,
-        "num_classes": meta.num_classes, "onnxship_version": meta.onnxship_version, "git_commit": registry.git_commit(),
+        "num_classes": meta.num_classes, "onnxship_version": meta.onnxship_version, "git_commit": git_commit,
         "simplified": simplified.simplified, "target": params.target, "model_name": params.model_name,
         "benchmark_batch_sizes": ",".join(map(str, params.benchmark.batch_sizes)),
         "benchmark_duration_s": params.benchmark.duration_s,
@@ -35,17 +76,14 @@ def run_params(params: ReleaseParams, meta, simplified) -> dict:
     }
 
 
-def release_metrics(exported, simplified, parity, accuracy, bench: BenchmarkResult) -> dict:
-    metrics = {
-        "nodes_exported": exported.node_count, "nodes_before_simplify": simplified.nodes_before,
-        "nodes_after_simplify": simplified.nodes_after, "export_s": exported.seconds, "simplify_s": simplified.seconds,
-        "parity_top1_agreement": parity.top1_agreement, "parity_top5_agreement": parity.top5_agreement,
-        "parity_max_abs_prob_diff": parity.max_abs_prob_diff, "parity_max_abs_logit_diff": parity.max_abs_logit_diff,
-        "reference_accuracy": accuracy.top1, "reference_top5": accuracy.top5,
-        "reference_correct": accuracy.correct, "reference_total": accuracy.total,
-    }
-    metrics.update(bench.metrics())
-    return metrics
+def graph_metrics(exported, simplified) -> dict[str, float]:
+    return {"graph/nodes_exported_count": float(exported.node_count),
+            "graph/nodes_simplified_count": float(simplified.nodes_after),
+            "graph/simplified": 1.0 if simplified.simplified else 0.0}
+
+
+def stage_metrics(timings: dict[str, float]) -> dict[str, float]:
+    return {f"stage/{name.replace(' ', '_')}_s": seconds for name, seconds in timings.items()}
 
 
 def model_card(params: ReleaseParams, meta, parity, accuracy, bench: BenchmarkResult, simplified) -> str:
@@ -76,12 +114,12 @@ def model_card(params: ReleaseParams, meta, parity, accuracy, bench: BenchmarkRe
     ])
 
 
-def record_outcome(params: ReleaseParams, summary: ReleaseSummary, registered) -> None:
+def record_outcome(params: ReleaseParams, summary: ReleaseSummary, run: ReleaseRun | None, registered) -> None:
     """Record the outcome everywhere a person looks, the console summary last."""
     markdown = build_markdown(summary)
-    if registered is not None:
+    if run is not None:
         try:
-            record_in_mlflow(params, summary, registered, markdown)
+            record_in_mlflow(params, summary, run, registered, markdown)
         except Exception as error:
             say(f"      warning: could not record the outcome in MLflow: {error}")
     (Path(params.output_dir) / "release" / "report.md").write_text(markdown)
@@ -95,23 +133,24 @@ def record_outcome(params: ReleaseParams, summary: ReleaseSummary, registered) -
     say(build_console(summary, prefect_ui_hint()))
 
 
-def record_in_mlflow(params: ReleaseParams, summary: ReleaseSummary, registered, markdown: str) -> None:
-    client = registry.connect(params.tracking_uri)
-    tags = {"release.outcome": summary.outcome}
-    if summary.endpoint_url:
-        tags["deploy.url"] = summary.endpoint_url
-        tags["deploy.target"] = params.target
-    if summary.smoke is not None or summary.outcome == "failed" and summary.failed_stage == "smoke test":
-        tags["smoke.passed"] = str(bool(summary.smoke and summary.smoke.get("passed"))).lower()
-    if summary.outcome == "failed" and summary.verdict == "pass" and summary.failed_stage:
-        tags["release.failed_stage"] = summary.failed_stage
-    registry.tag_version(client, params.model_name, registered.version, tags)
-    registry.log_metrics(client, registered.run_id, {f"stage_{k.replace(' ', '_')}_s": v for k, v in summary.timings.items()})
-    smoke_metrics = summary.smoke["metrics"] if summary.smoke else dict.fromkeys(SMOKE_METRIC_KEYS, math.nan)
-    registry.log_metrics(client, registered.run_id, smoke_metrics)
-    client.set_tag(registered.run_id, "release.outcome", summary.outcome)
-    client.log_text(registered.run_id, markdown, "release_report.md")
-    registry.end_run(client, registered.run_id, "FINISHED" if summary.outcome == "champion" else "FAILED")
+def record_in_mlflow(params: ReleaseParams, summary: ReleaseSummary, run: ReleaseRun, registered, markdown: str) -> None:
+    run.log_metrics(stage_metrics(summary.timings))
+    run.log_metrics(summary.smoke["metrics"] if summary.smoke else dict.fromkeys(SMOKE_METRIC_KEYS, math.nan))
+    run.log_artifacts({"release_report.md": markdown})
+    if summary.failed_stage:
+        run.client.set_tag(run.run_id, "release.failed_stage", summary.failed_stage)
+    if registered is not None:
+        tags = {registry.OUTCOME_TAG: summary.outcome}
+        if summary.endpoint_url:
+            tags["deploy.url"] = summary.endpoint_url
+            tags["deploy.target"] = params.target
+        if summary.smoke is not None or summary.outcome == "failed" and summary.failed_stage == "smoke test":
+            tags["smoke.passed"] = str(bool(summary.smoke and summary.smoke.get("passed"))).lower()
+        if summary.outcome == "failed" and summary.verdict == "pass" and summary.failed_stage:
+            tags["release.failed_stage"] = summary.failed_stage
+        registry.tag_version(run.client, params.model_name, registered.version, tags)
+        registry.sync_roles(run.client, params.model_name)
+    run.end(summary.outcome)
 
 
 def artifact_key(model_name: str) -> str:

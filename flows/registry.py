@@ -28,6 +28,9 @@ from serving.model_uri import connect as connect_store
 from serving.model_uri import tracking_uri as resolve_tracking_uri
 
 CANDIDATE, CHAMPION, PREVIOUS = "candidate", "champion", "previous"
+ROLE_TAG = "role"  # what a version is now; kept true by sync_roles after every alias move
+OUTCOME_TAG = "release.outcome"  # what its release did: promoted | rejected | failed (history, never changes)
+ROLE_AFTER_OUTCOME = {"promoted": "retired", "rejected": "rejected", "failed": "failed"}
 MODEL_ARTIFACT_NAME = "model"
 RUNTIME_REQUIREMENTS = ("onnxruntime", "numpy", "pillow")
 
@@ -187,6 +190,7 @@ def register_version(client, name: str, model_uri: str, run_id: str, tags: dict[
     except Exception:
         client.delete_model_version(name, version.version)  # never leave a half-registered version
         raise
+    sync_roles(client, name)
     return str(version.version)
 
 
@@ -217,6 +221,7 @@ def promote(client, name: str, version: str) -> str | None:
         client.set_registered_model_alias(name, PREVIOUS, old)
     client.set_registered_model_alias(name, CHAMPION, version)
     client.set_model_version_tag(name, version, "promoted", "true")
+    sync_roles(client, name)
     return old if old != version else None
 
 
@@ -233,13 +238,28 @@ def rollback(client, name: str) -> tuple[str, str]:
     if current is not None:
         client.set_registered_model_alias(name, PREVIOUS, current)
         client.set_model_version_tag(name, current, "rolled_back", "true")
+    sync_roles(client, name)
     return current or "none", previous
 
 
-def version_info(client, name: str, version: str) -> dict:
-    mv = client.get_model_version(name, version)
-    return {"version": str(mv.version), "run_id": mv.run_id, "source": mv.source, "tags": dict(mv.tags or {}),
-            "aliases": list(mv.aliases or [])}
+def sync_roles(client, name: str) -> dict[str, str]:
+    """Set every version's `role` tag to what it is now: champion or previous (its alias), else what became
+    of its release: retired (promoted once), rejected, failed; a version whose release is still deciding
+    is the candidate (or just registered). Returns version -> role."""
+    by_version: dict[str, str] = {}
+    for alias in (CANDIDATE, PREVIOUS, CHAMPION):  # the later alias wins when a version holds several
+        version = alias_version(client, name, alias)
+        if version is not None:
+            by_version[version] = alias
+    roles = {}
+    for mv in client.search_model_versions(f"name='{name}'"):
+        tags, alias = dict(mv.tags or {}), by_version.get(str(mv.version))
+        role = alias if alias in (CHAMPION, PREVIOUS) else ROLE_AFTER_OUTCOME.get(
+            tags.get(OUTCOME_TAG, ""), CANDIDATE if alias == CANDIDATE else "registered")
+        if tags.get(ROLE_TAG) != role:
+            client.set_model_version_tag(name, str(mv.version), ROLE_TAG, role)
+        roles[str(mv.version)] = role
+    return roles
 
 
 def register_release(

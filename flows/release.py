@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 import traceback
 from dataclasses import replace
 from pathlib import Path
@@ -24,8 +23,9 @@ from prefect.cache_policies import NO_CACHE
 
 from flows import registry, report
 from flows.deploy import Endpoint, ModelVersion, deploy
+from flows.lock import ReleaseBusy, ensure_free, release_lock
 from flows.params import ParameterError, ReleaseParams
-from flows.record import model_card, record_outcome, release_metrics, run_params
+from flows.record import ReleaseRun, graph_metrics, model_card, record_outcome, run_params
 from flows.reference import load_references
 from flows.report import ReleaseSummary, Stages, progress_printer, say
 from flows.stages.benchmark import ENGINE_ORT_DECODE, BenchmarkResult, benchmark_artifact, plot_benchmark
@@ -86,28 +86,18 @@ def benchmark_stage(candidate: Classifier, references, params: ReleaseParams, lo
 
 
 @task(name="register", timeout_seconds=600, cache_policy=NO_CACHE)
-def register_stage(params: ReleaseParams, onnx_path: Path, params_to_log: dict, metrics: dict,
-                   artifacts: dict[str, Path | str | dict], workdir: Path):
-    """One MLflow run with the same keys every release; the ONNX model logged and registered. What gate,
+def register_stage(params: ReleaseParams, run: ReleaseRun, onnx_path: Path, meta, workdir: Path):
+    """The ONNX model logged to the release's run and registered as a new version (@candidate). What gate,
     deploy and smoke test use afterwards is the registered file itself, fetched back from the registry."""
-    client = registry.connect(params.tracking_uri)
-    experiment_id = registry.ensure_experiment(client, params.experiment or params.model_name)
-    run_id = registry.start_run(client, experiment_id, f"release {time.strftime('%Y-%m-%d %H:%M:%S')}",
-                                {"onnxship.release": "true", "target": params.target, "git_commit": params_to_log["git_commit"]})
-    try:
-        registry.log_params(client, run_id, params_to_log)
-        registry.log_metrics(client, run_id, metrics)
-        registry.log_artifacts(client, run_id, artifacts)
-        tags = {"arch": params.arch, "weights_sha256": str(params_to_log["weights_sha256"]),
-                "git_commit": params_to_log["git_commit"], "gate.verdict": "pending"}
-        registered = registry.register_release(client, params.model_name, experiment_id, run_id, onnx_path, tags)
-    except BaseException:
-        registry.end_run(client, run_id, "FAILED")
-        raise
-    local = registry.download_version(client, params.model_name, registered.version, workdir / f"registered-v{registered.version}")
+    tags = {"arch": params.arch, "weights_sha256": meta.weights_sha256, "git_commit": run.git_commit,
+            "gate.verdict": "pending"}
+    registered = registry.register_release(run.client, params.model_name, run.experiment_id, run.run_id, onnx_path, tags)
+    run.name_version(registered.version)
+    local = registry.download_version(run.client, params.model_name, registered.version,
+                                      workdir / f"registered-v{registered.version}")
     if file_sha256(local) != registered.sha256:
         raise registry.RegistryError(f"models:/{params.model_name}/{registered.version} does not match the validated file")
-    return registered, local, registry.run_link(client, experiment_id, run_id)
+    return registered, local
 
 
 @task(name="gate", timeout_seconds=900, cache_policy=NO_CACHE)
@@ -123,7 +113,6 @@ def gate_stage(params: ReleaseParams, registered, candidate: Classifier, figures
                                            duration_s=duration)
     verdict = evaluate_gate(figures, params.gate, params.parity, comparison)
     registry.tag_version(client, params.model_name, registered.version, verdict.tags())
-    registry.log_metrics(client, registered.run_id, verdict.metrics())
     return verdict
 
 
@@ -153,7 +142,13 @@ def promote_stage(params: ReleaseParams, version: str) -> str | None:
 
 @flow(name="release", timeout_seconds=4 * 3600)
 def release(params: ReleaseParams = ReleaseParams()) -> dict:
-    """Export, validate, register, gate, deploy and smoke-test a model; promote it if all pass."""
+    """Export, validate, register, gate, deploy and smoke-test a model; promote it if all pass.
+    One release at a time per model: a second one is refused with the name of the first."""
+    with release_lock(params.state_dir, params.model_name, flow_run=current_flow_run()):
+        return run_stages(params)
+
+
+def run_stages(params: ReleaseParams) -> dict:
     stages = Stages()
     summary = ReleaseSummary(model_name=params.model_name, target=params.target,
                              tracking_uri=registry.resolve_tracking_uri(params.tracking_uri))
@@ -163,37 +158,41 @@ def release(params: ReleaseParams = ReleaseParams()) -> dict:
         references = load_references(params.images_dir, params.manifest)
     workdir = Path(params.output_dir) / "release"
     workdir.mkdir(parents=True, exist_ok=True)
-    registered = None
+    run = registered = None
     try:
+        run = ReleaseRun(params)
+        summary.run_id, summary.experiment_id, summary.run_link = run.run_id, run.experiment_id, run.link
         with stages.run("export"):
             loaded, exported = export_stage(params, workdir / "model.raw.onnx")
         with stages.run("simplify"):
             simplified = simplify_stage(exported.path, workdir / "model.onnx")
             summary.nodes, summary.simplify_error = (simplified.nodes_before, simplified.nodes_after), simplified.error
+            run.log_params(run_params(params, exported.metadata, simplified, run.git_commit))
+            run.log_metrics(graph_metrics(exported, simplified))
         # one ONNX Runtime session on the candidate serves parity, accuracy, benchmark and the gate
         candidate = Classifier(simplified.path, device="cpu", intra_op_threads=params.benchmark.threads)
         with stages.run("parity"):
             parity, accuracy = parity_stage(loaded, candidate, references, params)
             summary.parity, summary.accuracy = parity.to_dict(), accuracy.to_dict()
+            run.log_metrics({**parity.metrics(), **accuracy.metrics()})
+            run.log_artifacts({"parity_report.json": parity.to_dict(), "accuracy.json": accuracy.to_dict()})
             say(f"      {parity.summary()}; reference accuracy {accuracy.correct}/{accuracy.total}")
         with stages.run("benchmark"):
             bench = benchmark_stage(candidate, references, params, loaded, workdir / "benchmark.png")
             summary.benchmark, summary.plot_path = bench.to_dict(), str(workdir / "benchmark.png")
+            run.log_metrics(bench.metrics())
+            run.log_artifacts({"benchmark.json": bench.to_dict(), "benchmark": workdir / "benchmark.png"})
         del loaded
         with stages.run("register"):
-            meta = exported.metadata
-            artifacts = {"parity_report.json": parity.to_dict(), "accuracy.json": accuracy.to_dict(),
-                         "benchmark.json": bench.to_dict(), "benchmark": workdir / "benchmark.png",
-                         "model_card.md": model_card(params, meta, parity, accuracy, bench, simplified)}
-            registered, registered_path, summary.run_link = register_stage(
-                params, simplified.path, run_params(params, meta, simplified),
-                release_metrics(exported, simplified, parity, accuracy, bench), artifacts, workdir)
-            summary.version, summary.run_id, summary.experiment_id = registered.version, registered.run_id, registered.experiment_id
+            run.log_artifacts({"model_card.md": model_card(params, exported.metadata, parity, accuracy, bench, simplified)})
+            registered, registered_path = register_stage(params, run, simplified.path, exported.metadata, workdir)
+            summary.version = registered.version
             say(f"      registered models:/{params.model_name}/{registered.version} (@candidate), run {registered.run_id}")
         with stages.run("gate"):
             figures = CandidateFigures(parity.top1_agreement, parity.max_abs_prob_diff, accuracy.top1, accuracy.correct,
                                        accuracy.total, bench.row(ENGINE_ORT_DECODE, 1).p95_ms)
             verdict = gate_stage(params, registered, candidate, figures, references, workdir)
+            run.log_metrics(verdict.metrics())
             summary.verdict, summary.reasons = verdict.verdict, verdict.reasons
             summary.previous_champion = verdict.comparison.champion_version if verdict.comparison else None
             for reason in verdict.reasons:
@@ -217,7 +216,7 @@ def release(params: ReleaseParams = ReleaseParams()) -> dict:
             summary.smoke = smoke.to_dict()
         with stages.run("promote"):
             summary.previous_champion = promote_stage(params, registered.version)
-            summary.outcome = "champion"
+            summary.outcome = "promoted"
     except BaseException as error:
         if summary.outcome == "running":
             summary.outcome = "failed"
@@ -225,13 +224,22 @@ def release(params: ReleaseParams = ReleaseParams()) -> dict:
         if not isinstance(error, GateRejected):
             summary.error = f"{type(error).__name__}: {error}"
         summary.timings = dict(stages.timings)
-        record_outcome(params, summary, registered)
+        record_outcome(params, summary, run, registered)
         raise ReleaseFailed(f"release {summary.title}" + (f": {summary.error}" if summary.error else "")) from error
     summary.timings = dict(stages.timings)
-    record_outcome(params, summary, registered)
+    record_outcome(params, summary, run, registered)
     return {"outcome": summary.outcome, "version": summary.version, "run_id": summary.run_id,
             "verdict": summary.verdict, "reasons": summary.reasons, "endpoint": summary.endpoint_url,
             "previous_champion": summary.previous_champion, "timings": summary.timings}
+
+
+def current_flow_run() -> str | None:
+    try:
+        from prefect.runtime import flow_run
+
+        return f"{flow_run.name} ({flow_run.id})"
+    except Exception:
+        return None
 
 
 def restore_champion(params: ReleaseParams, workdir: Path) -> None:
@@ -265,10 +273,18 @@ def main(argv: list[str] | None = None) -> int:
     except (ParameterError, ValidationError, ArgumentError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    try:
+        ensure_free(params.state_dir, params.model_name)
+    except ReleaseBusy as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     print("starting the Prefect flow 'release' (no server configured: a temporary local Prefect API starts first, ~20 s)"
           if not os.environ.get("PREFECT_API_URL") else f"Prefect API: {os.environ['PREFECT_API_URL']}", flush=True)
     try:
         release(params)
+    except ReleaseBusy as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     except ReleaseFailed as error:
         cause = error.__cause__
         if cause is not None and not isinstance(cause, (GateRejected, SmokeTestFailed, ParameterError)):

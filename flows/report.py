@@ -70,7 +70,7 @@ class ReleaseSummary:
     model_name: str
     target: str
     tracking_uri: str
-    outcome: str = "running"  # champion | rejected | failed
+    outcome: str = "running"  # promoted | rejected | failed
     failed_stage: str | None = None
     error: str | None = None
     version: str | None = None
@@ -86,8 +86,9 @@ class ReleaseSummary:
     nodes: tuple[int, int] | None = None
     simplify_error: str | None = None
     endpoint_url: str | None = None
-    api_key: str | None = None  # shown on the console only when generated, never in artifacts
-    api_key_source: str | None = None  # env | state | generated (local target)
+    api_key_masked: str | None = None  # never the key itself: summaries end up in Prefect's logs
+    api_key_source: str | None = None  # "env API_KEY" | "Prefect Secret ..." | "state" | "generated"
+    api_key_command: str | None = None  # the command that prints the key, where the target keeps one
     state_file: str | None = None
     stop_hint: str | None = None
     smoke: dict | None = None
@@ -96,15 +97,19 @@ class ReleaseSummary:
 
     def record_endpoint(self, endpoint) -> None:
         """Where the release now serves (a flows.deploy.Endpoint); the key itself is shown only when generated."""
-        self.endpoint_url, self.api_key = endpoint.url, endpoint.api_key
+        from flows.secrets import masked
+
+        self.endpoint_url = endpoint.url
+        self.api_key_masked = masked(endpoint.api_key) if endpoint.api_key else None
         self.api_key_source = endpoint.details.get("api_key_source")
+        self.api_key_command = endpoint.details.get("api_key_command")
         self.state_file = endpoint.details.get("state_file")
         self.stop_hint = endpoint.stop_hint
 
     @property
     def title(self) -> str:
         version = f" v{self.version}" if self.version else ""
-        status = {"champion": "PROMOTED to @champion", "rejected": "REJECTED by the gate",
+        status = {"promoted": "PROMOTED to @champion", "rejected": "REJECTED by the gate",
                   "failed": f"FAILED at {self.failed_stage}"}.get(self.outcome, self.outcome)
         return f"{self.model_name}{version}: {status}"
 
@@ -129,7 +134,7 @@ def latency_table(benchmark: dict) -> list[str]:
 
 
 def build_markdown(s: ReleaseSummary) -> str:
-    icon = {"champion": "✅", "rejected": "⛔", "failed": "❌"}.get(s.outcome, "⏳")
+    icon = {"promoted": "✅", "rejected": "⛔", "failed": "❌"}.get(s.outcome, "⏳")
     lines = [f"# {icon} {s.title}", ""]
     verdict = (s.verdict or "not reached").upper()
     failures = [r for r in s.reasons if r.startswith("FAIL")]
@@ -140,8 +145,8 @@ def build_markdown(s: ReleaseSummary) -> str:
     lines.append(f"| endpoint | {s.endpoint_url or 'not deployed'} ({s.target}) |")
     if s.smoke:
         m = s.smoke.get("metrics", {})
-        lines.append(f"| smoke test | {'passed' if s.smoke.get('passed') else 'FAILED'}, {int(m.get('smoke_images', 0))} images, "
-                     f"max {m.get('smoke_latency_max_s', 0) * 1000:.0f} ms |")
+        lines.append(f"| smoke test | {'passed' if s.smoke.get('passed') else 'FAILED'}, {int(m.get('smoke/images_count', 0))} images, "
+                     f"max {m.get('smoke/latency_max_ms', 0):.0f} ms |")
     lines.append(f"| MLflow run | {f'[{s.run_id[:8]}]({s.run_link})' if s.run_id else '-'} |")
     lines.append(f"| previous champion | {('v' + s.previous_champion) if s.previous_champion else 'none'} |")
     if s.accuracy:
@@ -163,6 +168,23 @@ def build_markdown(s: ReleaseSummary) -> str:
     if s.timings:
         lines += ["", "Stages: " + " · ".join(f"{name} {sec:.1f} s" for name, sec in s.timings.items())]
     return "\n".join(lines) + "\n"
+
+
+def api_key_lines(s: ReleaseSummary) -> list[str]:
+    """Where the key comes from and how to use it, never the key itself."""
+    if not s.api_key_masked:
+        return []
+    where = {"generated": f"generated, kept in {s.state_file} (mode 0600)",
+             "state": f"reused from {s.state_file}"}.get(s.api_key_source or "", f"from {s.api_key_source}")
+    lines = [f" api key    {s.api_key_masked}, {where}"]
+    prefix = ""
+    if s.api_key_command:
+        lines.append(f"            print it: {s.api_key_command}")
+        if s.api_key_source in ("generated", "state"):
+            prefix = f"API_KEY=$({s.api_key_command.replace('make ', 'make -s ', 1)}) "
+    lines.append(f" try it     {prefix}.venv/bin/python scripts/test_server.py --url {s.endpoint_url} "
+                 "--images data/images/chelsea.png")
+    return lines
 
 
 def build_console(s: ReleaseSummary, prefect_ui: str | None) -> str:
@@ -193,13 +215,7 @@ def build_console(s: ReleaseSummary, prefect_ui: str | None) -> str:
         lines.append(f" {'figures' if index == 0 else '':10} {figure}")
     if s.endpoint_url:
         lines.append(f" endpoint   {s.endpoint_url}  ({s.target})")
-        if s.api_key and s.api_key_source == "generated":
-            lines.append(f" api key    {s.api_key}   (generated, kept in {s.state_file}; export API_KEY=... to choose your own)")
-        elif s.api_key_source == "state":
-            lines.append(f" api key    the one in {s.state_file} (reused)")
-        key = "$API_KEY" if s.api_key_source not in ("generated", "state") else s.api_key
-        lines.append(f" try it     .venv/bin/python scripts/test_server.py --url {s.endpoint_url} --api-key {key} "
-                     "--images data/images/chelsea.png")
+        lines += api_key_lines(s)
     if s.run_link:
         lines.append(f" MLflow     {ui_command(s.tracking_uri)}")
         lines.append(f"            then open {s.run_link}")

@@ -17,6 +17,11 @@ CEREBRIUM_TOKEN = ("CEREBRIUM_SERVICE_ACCOUNT_TOKEN", "cerebrium-service-account
 CEREBRIUM_GATEWAY = ("CEREBRIUM_API_KEY", "cerebrium-api-key")
 
 
+def masked(secret: str) -> str:
+    """What may be printed of a secret: enough to tell two keys apart, never enough to use one."""
+    return f"{secret[:4]}… ({len(secret)} characters)"
+
+
 def secret_with_source(secret: tuple[str, str]) -> tuple[str | None, str | None]:
     """(value, where it came from) for `secret` = (environment variable, Prefect Secret block name)."""
     env_name, block_name = secret

@@ -244,18 +244,32 @@ def deploy_local(artifact_path: Path, params: ReleaseParams, model: ModelVersion
     return Endpoint(
         url=url, target="local", api_key=api_key,
         details={"pid": process.pid, "log": str(log_path), "state_file": str(state_path(state_dir)),
-                 "api_key_source": key_source, "model_path": str(deployed)},
-        stop_hint="make stop-server" if state_dir == DEFAULT_STATE_DIR
-        else f"python -m flows.deploy.local stop --state-dir {state_dir}",
+                 "api_key_source": key_source, "api_key_command": local_command("key", state_dir),
+                 "model_path": str(deployed)},
+        stop_hint=local_command("stop", state_dir),
     )
+
+
+def local_command(command: str, state_dir: Path) -> str:
+    """How a person runs `command` of this module for the server recorded in `state_dir`."""
+    if Path(state_dir) == DEFAULT_STATE_DIR:
+        return {"stop": "make stop-server", "key": "make api-key"}.get(command, f"python -m flows.deploy.local {command}")
+    return f".venv/bin/python -m flows.deploy.local {command} --state-dir {state_dir}"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.deploy.local", description="The local release server.")
-    parser.add_argument("command", choices=("stop", "status"))
+    parser.add_argument("command", choices=("stop", "status", "key"),
+                        help="stop it, say whether it runs, or print its API key (for `API_KEY=$(make -s api-key)`)")
     parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
     args = parser.parse_args(argv)
     state = read_state(args.state_dir)
+    if args.command == "key":
+        if not (state and state.get("api_key")):
+            print(f"no API key recorded in {state_path(args.state_dir)}: run `make release` first", file=sys.stderr)
+            return 1
+        print(state["api_key"])
+        return 0
     if args.command == "status":
         if state is None:
             print("no local server recorded")

@@ -41,6 +41,10 @@ class AccuracyResult:
     def to_dict(self) -> dict:
         return {**asdict(self), "top5": self.top5}
 
+    def metrics(self, prefix: str = "reference") -> dict[str, float]:
+        return {f"{prefix}/top1_accuracy": self.top1, f"{prefix}/top5_accuracy": self.top5,
+                f"{prefix}/correct_count": float(self.correct), f"{prefix}/labelled_count": float(self.total)}
+
 
 def open_classifier(model_path: str | Path):
     from serving.runtime import Classifier

@@ -21,6 +21,7 @@ from serving.runtime import Classifier
 ENGINE_ORT = "onnxruntime"
 ENGINE_ORT_DECODE = "onnxruntime+decode"
 ENGINE_TORCH = "pytorch"
+ENGINE_KEYS = {ENGINE_ORT: "ort", ENGINE_ORT_DECODE: "ort_decode", ENGINE_TORCH: "torch"}
 MIN_CALLS = 5
 
 Progress = Callable[[str, float], None]  # (what, fraction done 0..1)
@@ -38,7 +39,7 @@ class LatencyRow:
 
     @property
     def key(self) -> str:
-        return {ENGINE_ORT: "ort", ENGINE_ORT_DECODE: "ort_decode", ENGINE_TORCH: "torch"}[self.engine] + f"_b{self.batch_size}"
+        return f"{ENGINE_KEYS[self.engine]}_b{self.batch_size}"
 
 
 @dataclass
@@ -52,13 +53,12 @@ class BenchmarkResult:
         return next((r for r in self.rows if r.engine == engine and r.batch_size == batch_size), None)
 
     def metrics(self) -> dict[str, float]:
-        """Flat MLflow metrics with stable keys: ort_b1_p95_ms, ort_decode_b4_throughput, ..."""
+        """MLflow metrics with stable, unit-suffixed keys: benchmark/ort_b1_p95_ms, benchmark/ort_decode_b4_img_per_s, ..."""
         out: dict[str, float] = {}
         for row in self.rows:
-            out[f"{row.key}_p50_ms"] = row.p50_ms
-            out[f"{row.key}_p95_ms"] = row.p95_ms
-            out[f"{row.key}_p99_ms"] = row.p99_ms
-            out[f"{row.key}_throughput"] = row.throughput
+            prefix = f"benchmark/{row.key}"
+            out.update({f"{prefix}_p50_ms": row.p50_ms, f"{prefix}_p95_ms": row.p95_ms, f"{prefix}_p99_ms": row.p99_ms,
+                        f"{prefix}_img_per_s": row.throughput})
         return out
 
     def to_dict(self) -> dict:
@@ -182,7 +182,9 @@ def compare_latency(
 
 
 def plot_benchmark(result: BenchmarkResult, path: Path, title: str = "") -> Path:
-    """Throughput and p50/p95 latency vs batch size, one line per engine (PNG, matplotlib Agg)."""
+    """Two panels (PNG, matplotlib Agg): ONNX Runtime latency per call as p50 bars with p95 whiskers per
+    batch size, value on each bar; throughput of every engine, PyTorch included. PyTorch stays out of
+    the latency panel: its occasional second-long calls would flatten the ONNX Runtime bars to zero."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -190,20 +192,27 @@ def plot_benchmark(result: BenchmarkResult, path: Path, title: str = "") -> Path
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    sizes = sorted({r.batch_size for r in result.rows})
+    latency_engines = [e for e in (ENGINE_ORT, ENGINE_ORT_DECODE) if any(r.engine == e for r in result.rows)]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    width = 0.8 / max(1, len(latency_engines))
+    for index, engine in enumerate(latency_engines):
+        rows = [result.row(engine, size) for size in sizes]
+        xs = [i + (index - (len(latency_engines) - 1) / 2) * width for i in range(len(sizes))]
+        p50 = [r.p50_ms if r else 0 for r in rows]
+        whisker = [(r.p95_ms - r.p50_ms) if r else 0 for r in rows]
+        bars = left.bar(xs, p50, width * 0.9, yerr=[[0] * len(rows), whisker], capsize=4, label=f"{engine} (p50, p95)")
+        left.bar_label(bars, labels=[f"{v:.1f}" for v in p50], fontsize=8, padding=2)
+    left.set_xticks(range(len(sizes)), [str(size) for size in sizes])
+    left.set(xlabel="batch size", ylabel="ms per call", title="ONNX Runtime latency per call")
     for engine in (ENGINE_ORT, ENGINE_ORT_DECODE, ENGINE_TORCH):
         rows = sorted((r for r in result.rows if r.engine == engine), key=lambda r: r.batch_size)
-        if not rows:
-            continue
-        sizes = [r.batch_size for r in rows]
-        left.plot(sizes, [r.throughput for r in rows], marker="o", label=engine)
-        line, = right.plot(sizes, [r.p50_ms for r in rows], marker="o", label=f"{engine} p50")
-        right.plot(sizes, [r.p95_ms for r in rows], marker="x", linestyle="--", color=line.get_color(),
-                   label=f"{engine} p95")
-    left.set(xlabel="batch size", ylabel="images / s", title="throughput")
-    right.set(xlabel="batch size", ylabel="ms per call", title="latency")
+        if rows:
+            right.plot([r.batch_size for r in rows], [r.throughput for r in rows], marker="o", label=engine)
+    right.set(xlabel="batch size", ylabel="images / s", title="throughput (p50 call)")
+    right.set_xticks(sizes)
     for axis in (left, right):
-        axis.grid(alpha=0.3)
+        axis.grid(alpha=0.3, axis="y")
         axis.legend(fontsize=8)
     fig.suptitle(title or "onnxship benchmark")
     fig.tight_layout()

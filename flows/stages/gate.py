@@ -70,14 +70,15 @@ class GateVerdict:
 
     def metrics(self) -> dict[str, float]:
         """Same keys on every release (NaN when there was no champion to compare with)."""
+        c = self.comparison
         nan = float("nan")
-        out = {"gate_passed": 1.0 if self.passed else 0.0, "gate_champion_accuracy": nan,
-               "gate_champion_p95_ms": nan, "gate_candidate_p95_ms": nan, "gate_latency_change_pct": nan}
-        if self.comparison:
-            c = self.comparison
-            out.update(gate_champion_accuracy=c.champion_accuracy, gate_champion_p95_ms=c.champion_p95_ms,
-                       gate_candidate_p95_ms=c.candidate_p95_ms, gate_latency_change_pct=round(c.latency_change_pct, 2))
-        return out
+        return {
+            "gate/passed": 1.0 if self.passed else 0.0,
+            "gate/champion_top1_accuracy": c.champion_accuracy if c else nan,
+            "gate/champion_p95_ms": c.champion_p95_ms if c else nan,
+            "gate/candidate_p95_ms": c.candidate_p95_ms if c else nan,
+            "gate/latency_change_pct": round(c.latency_change_pct, 2) if c else nan,
+        }
 
     def to_dict(self) -> dict:
         return {"passed": self.passed, "verdict": self.verdict, "reasons": self.reasons,

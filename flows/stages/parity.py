@@ -44,6 +44,11 @@ class ParityResult:
         data["batch_sizes"] = list(self.batch_sizes)
         return data
 
+    def metrics(self) -> dict[str, float]:
+        return {"parity/top1_agreement": self.top1_agreement, "parity/top5_agreement": self.top5_agreement,
+                "parity/max_abs_prob_diff": self.max_abs_prob_diff, "parity/max_abs_logit_diff": self.max_abs_logit_diff,
+                "parity/images_count": float(self.images)}
+
     def onnx_classes(self) -> list[int]:
         """The artifact's top-1 class per reference image, in order (what a deployment must answer)."""
         return [int(row["onnx_top1"]) for row in self.per_image]

@@ -35,8 +35,8 @@ class SmokeCheck:
     wrong_class_only: bool = False  # answered in time, but not the expected class
 
 
-SMOKE_METRIC_KEYS = ("smoke_passed", "smoke_images", "smoke_failures", "smoke_accuracy",
-                     "smoke_latency_max_s", "smoke_latency_p50_s")
+SMOKE_METRIC_KEYS = ("smoke/passed", "smoke/images_count", "smoke/failures_count", "smoke/top1_accuracy",
+                     "smoke/latency_max_ms", "smoke/latency_p50_ms")
 
 
 @dataclass
@@ -61,14 +61,14 @@ class SmokeResult:
         """Always the keys of SMOKE_METRIC_KEYS (NaN where nothing was measured), so MLflow's
         Compare lines releases up whether or not their smoke test got to answer."""
         lat = sorted(self.latencies)
-        return {
-            "smoke_passed": 1.0 if self.passed else 0.0,
-            "smoke_images": float(len(self.checks)),
-            "smoke_failures": float(len(self.failures)),
-            "smoke_accuracy": self.correct / self.labelled if self.labelled else 1.0,
-            "smoke_latency_max_s": round(lat[-1], 4) if lat else math.nan,
-            "smoke_latency_p50_s": round(lat[len(lat) // 2], 4) if lat else math.nan,
-        }
+        return dict(zip(SMOKE_METRIC_KEYS, (
+            1.0 if self.passed else 0.0,
+            float(len(self.checks)),
+            float(len(self.failures)),
+            self.correct / self.labelled if self.labelled else 1.0,
+            round(lat[-1] * 1000, 1) if lat else math.nan,
+            round(lat[len(lat) // 2] * 1000, 1) if lat else math.nan,
+        )))
 
     def to_dict(self) -> dict:
         return {**asdict(self), "metrics": self.metrics()}

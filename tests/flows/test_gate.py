@@ -51,7 +51,7 @@ def test_regression_against_champion_fails():
                            comparison(candidate_p95=30.0, champion_p95=20.0))
     assert not slower.passed
     assert "+50.0%, max +10%" in slower.failures[0]
-    assert slower.metrics()["gate_latency_change_pct"] == 50.0
+    assert slower.metrics()["gate/latency_change_pct"] == 50.0
 
 
 def test_broken_candidate_is_rejected_against_champion_measured_in_process(default_artifact, broken_artifact):

@@ -88,7 +88,7 @@ def test_smoke_flow_raises_and_logs_to_mlflow(prefect_harness, tracking_uri, tmp
     client = registry.connect(tracking_uri)
     experiment = client.get_experiment_by_name("m-smoke-tests")
     runs = client.search_runs([experiment.experiment_id])
-    assert runs[0].data.metrics["smoke_passed"] == 0.0 and runs[0].info.status == "FAILED"
+    assert runs[0].data.metrics["smoke/passed"] == 0.0 and runs[0].info.status == "FAILED"
 
 
 def test_smoke_flow_finds_the_local_server_from_its_record(prefect_harness, local_server, tracking_uri):

@@ -121,5 +121,5 @@ def test_deploy_worker_run_cycle(prefect_server, repo_root, tmp_path, free_port)
     assert registry.aliases(client, "onnxship-classifier") == {"candidate": "1", "champion": "1"}
     assert client.get_model_version("onnxship-classifier", "1").tags["gate.verdict"] == "pass"
     smoke_runs = client.search_runs([client.get_experiment_by_name("onnxship-classifier-smoke-tests").experiment_id])
-    assert smoke_runs[0].data.metrics["smoke_passed"] == 1.0
+    assert smoke_runs[0].data.metrics["smoke/passed"] == 1.0
     assert smoke_runs[0].data.tags["model_version"] == "1"

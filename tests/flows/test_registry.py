@@ -85,3 +85,29 @@ def test_tracking_uri_default_and_override(monkeypatch):
     assert registry.resolve_tracking_uri() == "http://mlflow.team:5000"
     assert registry.local_store_paths("http://mlflow.team:5000") == []
     assert registry.resolve_tracking_uri("sqlite:///x.db") == "sqlite:///x.db"
+
+
+def test_role_tags_stay_true_when_aliases_move(store, default_artifact):
+    client, experiment_id = store
+    name = f"test-model-{experiment_id}"
+
+    def roles():
+        return {str(mv.version): mv.tags.get("role") for mv in client.search_model_versions(f"name='{name}'")}
+
+    v1 = register(client, experiment_id, default_artifact)
+    assert roles() == {v1: "candidate"}
+    registry.tag_version(client, name, v1, {"release.outcome": "promoted"})
+    registry.promote(client, name, v1)
+    v2 = register(client, experiment_id, default_artifact)
+    registry.tag_version(client, name, v2, {"release.outcome": "promoted"})
+    registry.promote(client, name, v2)
+    v3 = register(client, experiment_id, default_artifact)
+    registry.tag_version(client, name, v3, {"release.outcome": "rejected"})
+    assert registry.sync_roles(client, name) == {v1: "previous", v2: "champion", v3: "rejected"}
+    assert roles() == {v1: "previous", v2: "champion", v3: "rejected"}
+    registry.rollback(client, name)
+    assert roles() == {v1: "champion", v2: "previous", v3: "rejected"}
+    v4 = register(client, experiment_id, default_artifact)
+    registry.tag_version(client, name, v4, {"release.outcome": "promoted"})
+    registry.promote(client, name, v4)  # v2 was @previous and is now nothing: a former champion
+    assert roles() == {v1: "previous", v2: "retired", v3: "rejected", v4: "champion"}

@@ -35,20 +35,25 @@ def first_release(prefect_harness, tmp_path_factory, fast_params):
 
 def test_good_release_becomes_champion_and_serves(first_release):
     params, outcome = first_release
-    assert outcome["outcome"] == "champion" and outcome["version"] == "1" and outcome["verdict"] == "pass"
+    assert outcome["outcome"] == "promoted" and outcome["version"] == "1" and outcome["verdict"] == "pass"
     assert list(outcome["timings"]) == ["validate", "export", "simplify", "parity", "benchmark", "register", "gate",
                                         "deploy", "smoke test", "promote"]
     client = registry.connect(params.tracking_uri)
     assert registry.aliases(client, NAME) == {"candidate": "1", "champion": "1"}
     version = client.get_model_version(NAME, "1")
-    assert version.tags["gate.verdict"] == "pass" and version.tags["release.outcome"] == "champion"
+    assert version.tags["gate.verdict"] == "pass" and version.tags["release.outcome"] == "promoted"
+    assert version.tags["role"] == "champion"
     run = client.get_run(version.run_id)
-    assert run.info.status == "FINISHED"
+    assert run.info.status == "FINISHED" and run.info.run_name == "onnxship-classifier v1"
     for key in ("arch", "weights_sha256", "opset", "git_commit", "resize_policy"):
         assert key in run.data.params
-    for key in ("nodes_before_simplify", "nodes_after_simplify", "parity_top1_agreement", "parity_max_abs_prob_diff",
-                "reference_accuracy", "ort_b1_p95_ms", "ort_decode_b2_throughput", "torch_b1_p50_ms", "smoke_passed"):
+    for key in ("graph/nodes_exported_count", "graph/nodes_simplified_count", "parity/top1_agreement",
+                "parity/max_abs_prob_diff", "reference/top1_accuracy", "benchmark/ort_b1_p95_ms",
+                "benchmark/ort_decode_b2_img_per_s", "benchmark/torch_b1_p50_ms", "smoke/passed", "stage/export_s",
+                "stage/smoke_test_s", "gate/passed"):
         assert key in run.data.metrics, key
+    # the run spans the release: it started before export and ended after the smoke test
+    assert (run.info.end_time - run.info.start_time) / 1000 >= sum(outcome["timings"].values()) - outcome["timings"]["validate"] - 1
     artifacts = {a.path for a in client.list_artifacts(version.run_id)}
     assert {"parity_report.json", "model_card.md", "benchmark", "release_report.md"} <= artifacts
     state = read_state(params.state_dir)
@@ -71,7 +76,7 @@ def test_broken_candidate_is_rejected_and_moves_nothing(first_release, broken_we
     client = registry.connect(params.tracking_uri)
     assert registry.aliases(client, NAME) == {"candidate": "2", "champion": "1"}  # only @candidate moved
     tags = client.get_model_version(NAME, "2").tags
-    assert tags["gate.verdict"] == "fail" and tags["release.outcome"] == "rejected"
+    assert tags["gate.verdict"] == "fail" and tags["release.outcome"] == "rejected" and tags["role"] == "rejected"
     assert "accuracy vs champion v1" in tags["gate.reasons"] and tags["gate.compared_with"] == "1"
     rejected_run = client.get_run(client.get_model_version(NAME, "2").run_id)
     assert rejected_run.info.status == "FAILED"
@@ -93,6 +98,7 @@ def test_failed_smoke_test_keeps_the_champion(first_release):
     new = max(registry.aliases(client, NAME).values(), key=int)
     tags = client.get_model_version(NAME, new).tags
     assert tags["gate.verdict"] == "pass" and tags["release.outcome"] == "failed" and tags["smoke.passed"] == "false"
+    assert tags["role"] == "failed" and client.get_model_version(NAME, "2").tags["role"] == "rejected"
     state = read_state(params.state_dir)
     assert state_is_alive(state) and state["version"] == "1"  # the champion was put back on the port
 
@@ -114,3 +120,34 @@ def test_rollback_restores_previous_and_restarts_the_server(first_release, defau
     assert state["version"] == "1" and state["pid"] != old_pid and state_is_alive(state)
     smoke = run_smoke_test(state["url"], state["api_key"], load_references(params.images_dir, params.manifest), 5.0)
     assert smoke.passed, smoke.failures
+
+
+def test_a_second_release_of_the_same_model_is_refused(first_release, repo_root):
+    """Two releases at once: the second is refused within seconds, naming the first; the first completes."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from flows.lock import lock_path
+
+    params, _ = first_release
+    quick = params.benchmark.model_copy(update={"include_torch": False, "batch_sizes": (1,)})
+    first = params.model_copy(update={"benchmark": quick})
+    outcome: dict = {}
+    worker = threading.Thread(target=lambda: outcome.update(release(first)), name="first-release")
+    worker.start()
+    path = lock_path(params.state_dir, NAME)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and '"pid": %d' % os.getpid() not in (path.read_text() if path.exists() else ""):
+        time.sleep(0.2)
+    assert worker.is_alive(), "the first release ended before the second could start"
+    second = subprocess.run([sys.executable, "-m", "flows.release", "--params", first.model_dump_json()],
+                            cwd=repo_root, capture_output=True, text=True, timeout=120)
+    worker.join(timeout=600)
+    assert second.returncode == 1, second.stdout + second.stderr
+    assert f"another release of {NAME} is running (pid {os.getpid()}" in second.stderr
+    assert outcome["outcome"] == "promoted"
+    assert json.loads(path.read_text() or "{}") == {}  # released: nobody holds it now
