@@ -53,20 +53,31 @@ api-key:
 # The Prefect cycle (prefect.yaml): a server, the deployments, a worker, a run.
 PREFECT := $(VENV)/bin/prefect
 PREFECT_PORT ?= 4200
+API_URL_ORIGIN := $(origin PREFECT_API_URL)
 prefect-%: export PREFECT_API_URL ?= http://127.0.0.1:$(PREFECT_PORT)/api
+# Deployments, workers and runs need the server: say so at once instead of a 20 s hang and a traceback.
+define require_prefect_server
+	@if [ "$(API_URL_ORIGIN)" = undefined ]; then echo "note: PREFECT_API_URL is not set in your shell; make uses $$PREFECT_API_URL (plain 'prefect' commands need: export PREFECT_API_URL=$$PREFECT_API_URL)"; fi
+	@$(PY) -c 'import sys, urllib.request as u; u.urlopen(sys.argv[1] + "/health", timeout=5)' "$$PREFECT_API_URL" 2>/dev/null \
+	  || { echo "error: no Prefect server answers at $$PREFECT_API_URL: start it with 'make prefect-server' (and a worker: 'make prefect-worker')" >&2; exit 2; }
+endef
 
 prefect-server: install
 	$(PREFECT) server start --host 127.0.0.1 --port $(PREFECT_PORT)
 
 prefect-deploy: install
+	$(require_prefect_server)
 	$(PREFECT) work-pool inspect onnxship >/dev/null 2>&1 || $(PREFECT) work-pool create onnxship --type process
 	PWD=$(CURDIR) $(PREFECT) deploy --all --no-prompt
 
 prefect-worker: install
+	$(require_prefect_server)
 	$(PREFECT) worker start --pool onnxship
 
+# The same flags as `make release` (ARGS="--gate.min-accuracy 1 ..."), queued on the server for a worker.
 prefect-run: install
-	$(PREFECT) deployment run 'release/$(or $(TARGET),local)' $(if $(PARAMS),--params '$(PARAMS)')
+	$(require_prefect_server)
+	$(PY) -m flows.submit 'release/$(or $(TARGET),local)' $(if $(TARGET),--target $(TARGET)) $(ARGS)
 
 # Stage (and preflight) the Cerebrium bundle of ARTIFACT without deploying it.
 cerebrium-bundle: install

@@ -15,8 +15,11 @@ import traceback
 from dataclasses import replace
 from pathlib import Path
 
-if __name__ == "__main__":  # the console shows our stage lines; Prefect's own INFO lines are noise there
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "CRITICAL")
+if __name__ == "__main__":
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "CRITICAL")  # the console shows our stage lines instead
+    # prefect.toml turns the temporary API off (a bare `prefect deployment run` must not queue runs on a
+    # throwaway server); `make release` without a server is exactly what the temporary API is for
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_ENABLED", "true")
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
@@ -260,38 +263,42 @@ def restore_champion(params: ReleaseParams, workdir: Path) -> None:
 # ---------------------------------------------------------------- command line (`make release`)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from pydantic import ValidationError
+EXIT_PROMOTED, EXIT_NOT_PROMOTED, EXIT_BAD_PARAMETERS = 0, 1, 2
 
-    from flows.cli import ArgumentError, release_params_from_argv
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m flows.release`: 0 promoted, 1 rejected or failed, 2 bad parameters."""
+    from flows.cli import ArgumentError, parse_command
 
     report.CONSOLE = True
     try:
-        params = release_params_from_argv(argv)
+        params, debug = parse_command(sys.argv[1:] if argv is None else argv)
         print("onnxship release: validating parameters ...", flush=True)
         validate_once(params)  # before Prefect starts: a bad input fails in seconds
-    except (ParameterError, ValidationError, ArgumentError) as error:
+    except SystemExit as exit_:  # --help
+        return int(exit_.code or 0)
+    except (ParameterError, ArgumentError) as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_PARAMETERS
     try:
         ensure_free(params.state_dir, params.model_name)
     except ReleaseBusy as error:
         print(f"error: {error}", file=sys.stderr)
-        return 1
+        return EXIT_NOT_PROMOTED
     print("starting the Prefect flow 'release' (no server configured: a temporary local Prefect API starts first, ~20 s)"
           if not os.environ.get("PREFECT_API_URL") else f"Prefect API: {os.environ['PREFECT_API_URL']}", flush=True)
     try:
         release(params)
     except ReleaseBusy as error:
         print(f"error: {error}", file=sys.stderr)
-        return 1
+        return EXIT_NOT_PROMOTED
     except ReleaseFailed as error:
-        cause = error.__cause__
-        if cause is not None and not isinstance(cause, (GateRejected, SmokeTestFailed, ParameterError)):
-            traceback.print_exception(cause)
-        print(f"\nrelease did not complete: {error}", file=sys.stderr)
-        return 1
-    return 0
+        if debug and error.__cause__ is not None:
+            traceback.print_exception(error.__cause__)
+        hint = "" if debug or isinstance(error.__cause__, GateRejected) else " (--debug shows the traceback)"
+        print(f"\nrelease did not complete: {error}{hint}", file=sys.stderr)
+        return EXIT_NOT_PROMOTED
+    return EXIT_PROMOTED
 
 
 if __name__ == "__main__":

@@ -112,7 +112,54 @@ def test_shape_errors_come_from_pydantic():
 
 def test_cli_exits_2_before_starting_anything(tmp_path, capsys):
     code = release_main(["--arch", "nope", "--tracking-uri", f"sqlite:///{tmp_path}/m/mlflow.db",
-                         "--params", '{"state_dir": "%s"}' % (tmp_path / "state")])
+                         "--state-dir", str(tmp_path / "state")])
     assert code == 2
     assert "unknown arch 'nope'" in capsys.readouterr().err
     assert not (tmp_path / "m" / "mlflow.db").exists()  # nothing registered, not even a store
+
+
+# ---------------------------------------------------------------- the typed command line
+
+
+def test_every_parameter_is_a_flag_with_help(capsys):
+    assert release_main(["--help"]) == 0
+    text = capsys.readouterr().out
+    for flag in ("--arch", "--random-init", "--gate.min-accuracy", "--benchmark.batch-sizes", "--server.port",
+                 "--port", "--cerebrium.compute", "--smoke.latency-budget-s", "--debug", "--params-file"):
+        assert flag in text, flag
+    assert "top-1 on the reference images" in text  # the field's description is the flag's help
+
+
+def test_flags_build_the_same_params_as_the_flow_takes(tmp_path):
+    from flows.cli import parse_command
+
+    params_file = tmp_path / "p.json"
+    params_file.write_text('{"gate": {"min_accuracy": 0.9, "max_p95_latency_ms": 100}, "arch": "resnet34"}')
+    params, debug = parse_command(["--arch", "resnet18", "--random-init", "--gate.min-accuracy", "0.5", "--port", "9000",
+                                   "--benchmark.batch-sizes", "1,2", "--params-file", str(params_file), "--debug"])
+    assert isinstance(params, ReleaseParams) and type(params) is ReleaseParams and debug is True
+    assert (params.arch, params.random_init, params.server.port, params.benchmark.batch_sizes) == ("resnet18", True, 9000, (1, 2))
+    assert (params.gate.min_accuracy, params.gate.max_p95_latency_ms) == (0.5, 100)  # flags over the file
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--gate.min-accuracy", "1.5"], ["--gate.min-accuracy", "less than or equal to 1", "1.5"]),
+    (["--port", "70000"], ["--server.port (--port)", "65535"]),
+    (["--benchmark.batch-sizes", "0,4"], ["--benchmark.batch-sizes", "positive"]),
+    (["--no-such-flag", "1"], ["--no-such-flag"]),
+    (["--params-file", "/nonexistent/p.json"], ["--params-file", "cannot be read"]),
+])
+def test_bad_values_name_the_flag_and_exit_2(argv, words, capsys):
+    assert release_main(argv) == 2
+    err = capsys.readouterr().err
+    for word in words:
+        assert word in err, err
+
+
+def test_environment_variables_are_not_parameters(monkeypatch):
+    from flows.cli import parse_command
+
+    monkeypatch.setenv("ARCH", "resnet50")  # make exports its command-line variables into recipes
+    monkeypatch.setenv("TARGET", "cerebrium")
+    params, _ = parse_command([])
+    assert (params.arch, params.target) == ("efficientnet_lite0", "local")

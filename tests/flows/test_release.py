@@ -144,7 +144,9 @@ def test_a_second_release_of_the_same_model_is_refused(first_release, repo_root)
     while time.monotonic() < deadline and '"pid": %d' % os.getpid() not in (path.read_text() if path.exists() else ""):
         time.sleep(0.2)
     assert worker.is_alive(), "the first release ended before the second could start"
-    second = subprocess.run([sys.executable, "-m", "flows.release", "--params", first.model_dump_json()],
+    params_file = params.output_dir / "second-release.json"
+    params_file.write_text(first.model_dump_json())
+    second = subprocess.run([sys.executable, "-m", "flows.release", "--params-file", str(params_file)],
                             cwd=repo_root, capture_output=True, text=True, timeout=120)
     worker.join(timeout=600)
     assert second.returncode == 1, second.stdout + second.stderr
