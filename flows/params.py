@@ -8,6 +8,7 @@ store, a target's tokens) is `flows/validate.py`.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -16,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from serving.config import GPU_DEFAULTS
 
 DEFAULT_MODEL_NAME = "onnxship-classifier"
-DEFAULT_STATE_DIR = Path(".onnxship")
+# where the local server's record lives; a worker may point every flow elsewhere with ONNXSHIP_STATE_DIR
+DEFAULT_STATE_DIR = Path(os.environ.get("ONNXSHIP_STATE_DIR") or ".onnxship")
 
 
 class ParameterError(ValueError):

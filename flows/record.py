@@ -144,6 +144,8 @@ def record_in_mlflow(params: ReleaseParams, summary: ReleaseSummary, run: Releas
         if summary.endpoint_url:
             tags["deploy.url"] = summary.endpoint_url
             tags["deploy.target"] = params.target
+            if params.target == "cerebrium":  # what an automatic rollback needs to redeploy this version
+                tags["deploy.settings"] = params.cerebrium.model_dump_json()
         if summary.smoke is not None or summary.outcome == "failed" and summary.failed_stage == "smoke test":
             tags["smoke.passed"] = str(bool(summary.smoke and summary.smoke.get("passed"))).lower()
         if summary.outcome == "failed" and summary.verdict == "pass" and summary.failed_stage:

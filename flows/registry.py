@@ -214,19 +214,31 @@ def tag_version(client, name: str, version: str, tags: dict[str, str]) -> None:
         client.set_model_version_tag(name, version, key, str(value)[:5000])
 
 
+LAST_PROMOTED_TAG = "release.last_promoted"  # registered-model tags: the guard of automatic rollbacks
+AUTO_ROLLBACK_FOR_TAG, AUTO_ROLLBACK_AT_TAG = "rollback.auto_for", "rollback.auto_at"
+
+
+def now() -> str:
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
 def promote(client, name: str, version: str) -> str | None:
     """Make `version` the champion; the old champion (if any, and different) becomes `previous`."""
     old = alias_version(client, name, CHAMPION)
     if old is not None and old != version:
         client.set_registered_model_alias(name, PREVIOUS, old)
     client.set_registered_model_alias(name, CHAMPION, version)
-    client.set_model_version_tag(name, version, "promoted", "true")
+    tag_version(client, name, version, {"promoted": "true", "promoted_at": now()})
+    client.set_registered_model_tag(name, LAST_PROMOTED_TAG, version)
     sync_roles(client, name)
     return old if old != version else None
 
 
-def rollback(client, name: str) -> tuple[str, str]:
-    """Swap `champion` and `previous` (run it again to undo). Returns (from_version, to_version)."""
+def rollback(client, name: str, reason: str = "manual", automatic: bool = False) -> tuple[str, str]:
+    """Swap `champion` and `previous` (run it again to undo). Returns (from_version, to_version).
+    Both versions record what happened; an automatic rollback also records which release it undid."""
     current = alias_version(client, name, CHAMPION)
     previous = alias_version(client, name, PREVIOUS)
     if previous is None:
@@ -234,12 +246,28 @@ def rollback(client, name: str) -> tuple[str, str]:
             f"model {name!r} has no @previous version to roll back to "
             f"(champion: {current or 'none'}); a rollback needs two promoted releases"
         )
+    stamp = now()
     client.set_registered_model_alias(name, CHAMPION, previous)
     if current is not None:
         client.set_registered_model_alias(name, PREVIOUS, current)
-        client.set_model_version_tag(name, current, "rolled_back", "true")
+        tag_version(client, name, current, {"rolled_back": "true", "rolled_back_at": stamp, "rollback.reason": reason})
+    tag_version(client, name, previous, {"restored_at": stamp, "rollback.restored_from": current or "none"})
+    if automatic:
+        last = client.get_registered_model(name).tags.get(LAST_PROMOTED_TAG, current or "none")
+        client.set_registered_model_tag(name, AUTO_ROLLBACK_FOR_TAG, last)
+        client.set_registered_model_tag(name, AUTO_ROLLBACK_AT_TAG, stamp)
     sync_roles(client, name)
     return current or "none", previous
+
+
+def auto_rollback_allowed(client, name: str) -> tuple[bool, str]:
+    """Never two automatic rollbacks without a new release in between (a person may always roll back)."""
+    tags = client.get_registered_model(name).tags
+    last, done = tags.get(LAST_PROMOTED_TAG), tags.get(AUTO_ROLLBACK_FOR_TAG)
+    if last is not None and last == done:
+        return False, (f"already rolled back automatically after v{last} was promoted ({tags.get(AUTO_ROLLBACK_AT_TAG)}); "
+                       "no second automatic rollback until a new release (make rollback still works)")
+    return True, f"no automatic rollback since v{last} was promoted"
 
 
 def sync_roles(client, name: str) -> dict[str, str]:

@@ -16,19 +16,28 @@ from flows import registry
 from flows.deploy.local import read_state
 from flows.params import DEFAULT_MODEL_NAME, DEFAULT_STATE_DIR
 from flows.reference import load_references
-from flows.secrets import APP_KEY, resolve_secret
+from flows.secrets import APP_KEY, CEREBRIUM_GATEWAY, resolve_secret
 from flows.stages.smoke import DEFAULT_MIN_ACCURACY, SmokeResult, SmokeTestFailed, run_smoke_test
 
 SMOKE_EXPERIMENT_SUFFIX = "-smoke-tests"
 
 
-def resolve_endpoint(url: str | None, api_key: str | None, state_dir: Path) -> tuple[str, str | None, dict]:
-    """URL/key from the parameters, else the app key (API_KEY or its Prefect Secret), else the local server record."""
+class NothingToTest(Exception):
+    """The local server was stopped on purpose (`make stop-server`): a smoke run has nothing to check."""
+
+
+def resolve_endpoint(url: str | None, state_dir: Path) -> tuple[str, str | None, dict]:
+    """The URL (parameter, else the local server record) and its key: the app key ($API_KEY or its
+    Prefect Secret), else the key the local server record holds. Keys are never flow parameters:
+    Prefect stores parameters in its database and shows them in the UI."""
     state = read_state(state_dir) or {}
+    if url is None and state.get("stopped_at") and not state.get("pid"):
+        raise NothingToTest(f"the local server was stopped on purpose at {state['stopped_at']} "
+                            f"({state.get('url')}); `make release` or `make rollback` starts one again")
     url = url or state.get("url")
     if not url:
         raise SmokeTestFailed(f"no endpoint to test: pass url=..., or deploy locally first (no {state_dir}/local-server.json)")
-    api_key = api_key or resolve_secret(APP_KEY) or (state.get("api_key") if state.get("url") == url else None)
+    api_key = resolve_secret(APP_KEY) or (state.get("api_key") if state.get("url") == url else None)
     return url, api_key, state
 
 
@@ -47,7 +56,6 @@ def log_smoke_to_mlflow(result: SmokeResult, model_name: str, tracking_uri: str 
 @flow(name="smoke-test", log_prints=True, timeout_seconds=300)
 def smoke_test(
     url: str | None = None,
-    api_key: str | None = None,
     model_name: str = DEFAULT_MODEL_NAME,
     images_dir: Path | None = None,
     manifest: Path | None = None,
@@ -55,13 +63,17 @@ def smoke_test(
     min_accuracy: float = DEFAULT_MIN_ACCURACY,
     tracking_uri: str | None = None,
     state_dir: Path = DEFAULT_STATE_DIR,
-    gateway_token: str | None = None,
 ) -> dict:
-    """Scheduled post-deploy check of the serving endpoint (fails the flow run on any failure)."""
+    """Scheduled post-deploy check of the serving endpoint (fails the flow run on any failure).
+    Keys come from the environment or Prefect Secret blocks (API_KEY, CEREBRIUM_API_KEY for a gateway)."""
     logger = get_run_logger()
-    url, api_key, state = resolve_endpoint(url, api_key, Path(state_dir))
+    try:
+        url, api_key, state = resolve_endpoint(url, Path(state_dir))
+    except NothingToTest as reason:
+        logger.warning("smoke test skipped: %s", reason)
+        return {"skipped": str(reason)}
     references = load_references(images_dir, manifest)
-    result = run_smoke_test(url, api_key, references, latency_budget_s, gateway_token=gateway_token,
+    result = run_smoke_test(url, api_key, references, latency_budget_s, gateway_token=resolve_secret(CEREBRIUM_GATEWAY),
                             min_accuracy=min_accuracy)
     tags = {"model_name": model_name}
     if state.get("url") == url and state.get("version"):

@@ -84,7 +84,7 @@ def test_smoke_flow_raises_and_logs_to_mlflow(prefect_harness, tracking_uri, tmp
 
     url = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(SmokeTestFailed, match="cannot reach"):
-        smoke_test(url=url, api_key="k", tracking_uri=tracking_uri, state_dir=tmp_path / "none", model_name="m")
+        smoke_test(url=url, tracking_uri=tracking_uri, state_dir=tmp_path / "none", model_name="m")
     client = registry.connect(tracking_uri)
     experiment = client.get_experiment_by_name("m-smoke-tests")
     runs = client.search_runs([experiment.experiment_id])
@@ -122,3 +122,15 @@ def test_stop_command_stops_by_pid_and_keeps_the_key(local_server, capsys, monke
     assert local_main(["status", "--state-dir", str(params.state_dir)]) == 1
     monkeypatch.delenv("API_KEY", raising=False)
     assert resolve_api_key(state) == (endpoint.api_key, "state")  # the next release reuses the key
+    capsys.readouterr()
+    assert local_main(["key", "--state-dir", str(params.state_dir)]) == 0  # what `make api-key` prints
+    assert capsys.readouterr().out.strip() == endpoint.api_key
+
+
+def test_smoke_flow_skips_a_server_stopped_on_purpose(prefect_harness, local_server, tracking_uri):
+    """After `make stop-server` the scheduled smoke test has nothing to check: it says so and does not
+    fail (a failed run would count towards an automatic rollback)."""
+    _, params = local_server
+    assert "pid" not in read_state(params.state_dir)  # stopped by the test above
+    result = smoke_test(state_dir=params.state_dir, tracking_uri=tracking_uri, latency_budget_s=5.0)
+    assert "stopped on purpose" in result["skipped"]
