@@ -11,10 +11,13 @@ console summary.
 from __future__ import annotations
 
 import math
+import os
+import socket
 import time
 from pathlib import Path
 
 from flows import registry
+from flows.deploy.local import pid_alive
 from flows.params import ReleaseParams
 from flows.report import ReleaseSummary, build_console, build_markdown, say
 from flows.stages.benchmark import ENGINE_ORT_DECODE, BenchmarkResult
@@ -27,10 +30,23 @@ class ReleaseRun:
         self.client = registry.connect(params.tracking_uri)
         self.experiment_id = registry.ensure_experiment(self.client, params.experiment or params.model_name)
         self.git_commit = registry.git_commit()
+        self.close_abandoned_runs()
         self.run_id = registry.start_run(
             self.client, self.experiment_id, f"{params.model_name} release {time.strftime('%Y-%m-%d %H:%M:%S')}",
-            {"onnxship.release": "true", "target": params.target, "git_commit": self.git_commit},
+            {"onnxship.release": "true", "target": params.target, "git_commit": self.git_commit,
+             "release.host": socket.gethostname(), "release.pid": str(os.getpid())},
         )
+
+    def close_abandoned_runs(self) -> None:
+        """A release killed mid-way (kill -9, a lost machine) left its run RUNNING: mark it KILLED. Only
+        runs of this host whose process is gone; the caller holds the release lock, so none is running here."""
+        host = socket.gethostname()
+        for run in self.client.search_runs([self.experiment_id], "attributes.status = 'RUNNING'"):
+            tags = run.data.tags
+            if tags.get("onnxship.release") == "true" and tags.get("release.host") == host \
+                    and not pid_alive(int(tags.get("release.pid", "0") or 0)):
+                self.client.set_tag(run.info.run_id, registry.OUTCOME_TAG, "abandoned")
+                registry.end_run(self.client, run.info.run_id, "KILLED")
 
     @property
     def link(self) -> str:

@@ -20,6 +20,7 @@ if __name__ == "__main__":
     # prefect.toml turns the temporary API off (a bare `prefect deployment run` must not queue runs on a
     # throwaway server); `make release` without a server is exactly what the temporary API is for
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_ENABLED", "true")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # not "Creating initial MLflow database tables..."
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE

@@ -68,8 +68,8 @@ def check_arch(params: ReleaseParams) -> None:
     if arch in ARCHITECTURES:
         if ARCHITECTURES[arch].bundled_weights is None and params.weights is None and not params.random_init:
             raise ParameterError(
-                f"arch {arch!r} has no bundled weights: pass weights=<state dict .pth> "
-                "(or random_init=true for a throwaway model)"
+                f"arch {arch!r} has no bundled weights: pass a state dict (--weights PATH; parameter weights) or "
+                "ask for seeded random weights (--random-init; parameter random_init=true), which the gate rejects"
             )
         return
     if ":" in arch:

@@ -160,25 +160,29 @@ def compare_latency(
     image_paths: Sequence[Path],
     batch_size: int = 1,
     duration_s: float = 1.0,
-    rounds: int = 3,
-) -> tuple[float, float]:
-    """p95 (ms, decode included) of candidate and champion, measured interleaved in this process.
+    rounds: int = 6,
+) -> tuple[float, float, float]:
+    """p95 (ms, decode included) of candidate and champion, and how much slower the candidate is.
 
-    Alternating short rounds (A B A B ...) spreads machine noise evenly over both models, so the
-    comparison is fair on a shared machine.
+    Measured in `rounds` back-to-back pairs, the order flipping from pair to pair (AB BA AB ...); each
+    pair gives a ratio of the two p95s and the result is the median ratio (and the median p95s). Other
+    programs' load comes in bursts that a plain A-then-B comparison charges to one side (seen here:
+    the same model measured +105% slower than itself); a burst spoils one pair, not the median.
     """
     models = [candidate, champion]
     bodies = take([Path(p).read_bytes() for p in image_paths], batch_size)
-    timings: list[list[float]] = [[], []]
-    for _ in range(rounds):
-        for index, model in enumerate(models):
+    p95s: list[list[float]] = [[], []]
+    for pair in range(rounds):
+        for index in (0, 1) if pair % 2 == 0 else (1, 0):
+            model = models[index]
 
             def call(model=model) -> None:
                 model.predict(np.stack([model.load_input(b) for b in bodies]))
 
-            timings[index].extend(time_calls(call, duration_s / rounds, warmup_calls=1))
-    cand, champ = (float(np.percentile(np.asarray(t) * 1000.0, 95)) for t in timings)
-    return round(cand, 3), round(champ, 3)
+            timings = time_calls(call, duration_s / rounds, warmup_calls=1)
+            p95s[index].append(float(np.percentile(np.asarray(timings) * 1000.0, 95)))
+    ratio = float(np.median([cand / champ for cand, champ in zip(*p95s)]))
+    return round(float(np.median(p95s[0])), 3), round(float(np.median(p95s[1])), 3), round(ratio, 4)
 
 
 def plot_benchmark(result: BenchmarkResult, path: Path, title: str = "") -> Path:

@@ -36,9 +36,12 @@ class ChampionComparison:
     candidate_accuracy: float
     champion_p95_ms: float
     candidate_p95_ms: float
+    paired_ratio: float | None = None  # median of candidate/champion p95 over back-to-back pairs of rounds
 
     @property
     def latency_change_pct(self) -> float:
+        if self.paired_ratio is not None:
+            return 100.0 * (self.paired_ratio - 1.0)
         if self.champion_p95_ms <= 0:
             return 0.0
         return 100.0 * (self.candidate_p95_ms - self.champion_p95_ms) / self.champion_p95_ms
@@ -133,19 +136,20 @@ def compare_with_champion(
     champion_version: str,
     references: Sequence,
     duration_s: float = 1.0,
-    rounds: int = 3,
+    rounds: int = 6,
 ) -> ChampionComparison:
     """Measure the champion beside the candidate's session: accuracy on the same references (the
     candidate's was measured by the parity stage on the same file), interleaved p95."""
     champion = Classifier(champion_path, device="cpu", intra_op_threads=candidate.intra_op_threads)
     champion_accuracy = measure_accuracy(champion, references).top1
     images = [ref.path for ref in references]
-    candidate_p95, champion_p95 = compare_latency(candidate, champion, images, batch_size=1,
-                                                  duration_s=duration_s, rounds=rounds)
+    candidate_p95, champion_p95, ratio = compare_latency(candidate, champion, images, batch_size=1,
+                                                         duration_s=duration_s, rounds=rounds)
     return ChampionComparison(
         champion_version=str(champion_version),
         champion_accuracy=champion_accuracy,
         candidate_accuracy=candidate_accuracy,
         champion_p95_ms=champion_p95,
         candidate_p95_ms=candidate_p95,
+        paired_ratio=ratio,
     )

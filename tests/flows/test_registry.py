@@ -111,3 +111,23 @@ def test_role_tags_stay_true_when_aliases_move(store, default_artifact):
     registry.tag_version(client, name, v4, {"release.outcome": "promoted"})
     registry.promote(client, name, v4)  # v2 was @previous and is now nothing: a former champion
     assert roles() == {v1: "previous", v2: "retired", v3: "rejected", v4: "champion"}
+
+
+def test_a_release_killed_mid_way_leaves_no_run_running(store, tmp_path):
+    """The next release marks the run of a release whose process is gone KILLED (same host only)."""
+    import socket
+
+    from flows.params import ReleaseParams
+    from flows.record import ReleaseRun
+
+    client, experiment_id = store
+    name = client.get_experiment(experiment_id).name
+    dead = registry.start_run(client, experiment_id, "killed release", {
+        "onnxship.release": "true", "release.host": socket.gethostname(), "release.pid": "999999999"})
+    elsewhere = registry.start_run(client, experiment_id, "a release on another machine", {
+        "onnxship.release": "true", "release.host": "another-host", "release.pid": "999999999"})
+    run = ReleaseRun(ReleaseParams(tracking_uri=client.tracking_uri, experiment=name))
+    assert client.get_run(dead).info.status == "KILLED"
+    assert client.get_run(dead).data.tags["release.outcome"] == "abandoned"
+    assert client.get_run(elsewhere).info.status == "RUNNING"
+    assert client.get_run(run.run_id).info.status == "RUNNING"
