@@ -172,8 +172,26 @@ def log_onnx_model(client, experiment_id: str, run_id: str, onnx_path: Path) -> 
         model_id=logged.model_id,
         pip_requirements=pip_requirements(),
         save_as_external_data=False,
+        signature=artifact_signature(onnx_path),
     )
     return info.model_uri
+
+
+def artifact_signature(onnx_path: Path):
+    """The artifact contract as an MLflow signature (shown on the version page): uint8 NHWC in, float32 out."""
+    import numpy as np
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    from serving.artifact import INPUT_NAME, LOGITS_NAME, PROBABILITIES_NAME, read_metadata
+
+    meta = read_metadata(onnx_path)
+    size, classes = meta.input_size, meta.num_classes
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, size, size, 3), INPUT_NAME)]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, classes), LOGITS_NAME),
+                        TensorSpec(np.dtype(np.float32), (-1, classes), PROBABILITIES_NAME)]),
+    )
 
 
 def register_version(client, name: str, model_uri: str, run_id: str, tags: dict[str, str]) -> str:
