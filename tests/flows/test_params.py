@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 
 import pytest
@@ -163,3 +164,14 @@ def test_environment_variables_are_not_parameters(monkeypatch):
     monkeypatch.setenv("TARGET", "cerebrium")
     params, _ = parse_command([])
     assert (params.arch, params.target) == ("efficientnet_lite0", "local")
+
+
+def test_make_prefect_targets_say_when_no_server_answers(repo_root, free_port):
+    """`make prefect-run` against a URL where nothing listens: one clear line and exit 2, no hang."""
+    import subprocess
+
+    env = {**os.environ, "PREFECT_API_URL": f"http://127.0.0.1:{free_port()}/api"}
+    done = subprocess.run(["make", "-s", "prefect-run"], cwd=repo_root, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2
+    assert "error: no Prefect server answers at http://127.0.0.1:" in done.stderr and "make prefect-server" in done.stderr

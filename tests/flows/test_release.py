@@ -153,3 +153,18 @@ def test_a_second_release_of_the_same_model_is_refused(first_release, repo_root)
     assert f"another release of {NAME} is running (pid {os.getpid()}" in second.stderr
     assert outcome["outcome"] == "promoted"
     assert json.loads(path.read_text() or "{}") == {}  # released: nobody holds it now
+
+
+def test_a_garbage_weights_file_fails_with_a_summary_and_one_line(first_release, tmp_path, capsys):
+    """No traceback without --debug: the summary says which stage failed and why."""
+    from flows.release import main as release_main
+
+    params, _ = first_release
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"this is not a checkpoint" * 100)
+    params_file = tmp_path / "params.json"
+    params_file.write_text(params.model_dump_json())
+    assert release_main(["--params-file", str(params_file), "--weights", str(garbage)]) == 1
+    out, err = capsys.readouterr()
+    assert "FAILED at export" in out and "not a readable PyTorch checkpoint" in out
+    assert "Traceback" not in out + err and "(--debug shows the traceback)" in err
