@@ -202,7 +202,9 @@ def register_version(client, name: str, model_uri: str, run_id: str, tags: dict[
         client.get_registered_model(name)
     except MlflowException:
         client.create_registered_model(name, description="onnxship image classifier (ONNX, preprocessing in-graph)")
-    version = client.create_model_version(name, source=model_uri, run_id=run_id, tags=tags)
+    # a tracking server (REST) accepts a logged-model source `models:/m-<id>` only with its model_id
+    model_id = model_uri[len("models:/"):] if model_uri.startswith("models:/m-") else None
+    version = client.create_model_version(name, source=model_uri, run_id=run_id, tags=tags, model_id=model_id)
     try:
         client.set_registered_model_alias(name, CANDIDATE, version.version)
     except Exception:
