@@ -8,6 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
 .PHONY: install test release convert serve bench cerebrium-bundle rollback stop-server api-key prefect-server prefect-deploy prefect-worker prefect-run
+.PHONY: team-up team-down team-status team-env team-import team-pool
 
 install: $(STAMP)
 
@@ -82,3 +83,26 @@ prefect-run: install
 # Stage (and preflight) the Cerebrium bundle of ARTIFACT without deploying it.
 cerebrium-bundle: install
 	$(PY) -m flows.deploy.cerebrium preflight $(or $(ARTIFACT),models/model.onnx)
+
+# Team mode (README "Team mode"): PostgreSQL + MLflow tracking server + Prefect server on this
+# machine, data under .onnxship/team/ (TEAM_DIR); ports TEAM_PG_PORT/TEAM_MLFLOW_PORT/TEAM_PREFECT_PORT.
+team-up: install
+	$(PY) -m team up
+
+team-down:
+	$(PY) -m team down
+
+team-status:
+	$(PY) -m team status
+
+# eval "$$(make -s team-env)" exports MLFLOW_TRACKING_URI and PREFECT_API_URL
+team-env:
+	@$(PY) -m team env
+
+# Copy the local registry history (mlruns/) into the team MLflow server (FROM=sqlite:///..., MODEL_NAME=...).
+team-import: install
+	$(PY) -m team import-local $(if $(FROM),--from $(FROM)) $(if $(MODEL_NAME),--model-name $(MODEL_NAME))
+
+# A Docker or Kubernetes work pool from team/work-pools/ (KIND=docker|kubernetes), prefect.yaml's deployments on it.
+team-pool: install
+	$(PY) -m team pool $(or $(KIND),docker)
