@@ -34,16 +34,16 @@ PG_BINARIES = sorted(Path("/usr/lib/postgresql").glob("*/bin/postgres"))
 
 
 # A deployment's job configuration as the worker builds it (BaseJobConfiguration.from_template_and_values),
-# with an API key from a Prefect Secret block, the way the README tells a team to pass credentials.
+# with a value from a Prefect Secret block, the way the README tells a team to pass credentials.
 RENDER_JOB = """
 import asyncio, json, sys
 from prefect.blocks.system import Secret
 from prefect.client.orchestration import get_client
 from prefect.workers.base import BaseJobConfiguration
 
-Secret(value="s3cret-for-tests").save("onnxship-api-key", overwrite=True)
+Secret(value="s3cret-for-tests").save("onnxship-team-test-token", overwrite=True)
 template = json.load(open(sys.argv[1]))
-values = {"env": {"API_KEY": "{{ prefect.blocks.secret.onnxship-api-key }}"}}
+values = {"env": {"TEAM_TEST_TOKEN": "{{ prefect.blocks.secret.onnxship-team-test-token }}"}}
 
 
 async def main():
@@ -265,7 +265,7 @@ def test_team_mode_end_to_end(team, images_dir, default_artifact):
                               cwd=team.tmp, env=team.env, capture_output=True, text=True, timeout=120)
     assert rendered.returncode == 0, rendered.stdout + rendered.stderr
     job_env = json.loads(rendered.stdout.strip().splitlines()[-1])
-    assert job_env["MLFLOW_TRACKING_URI"] == team.mlflow and job_env["API_KEY"] == "s3cret-for-tests", job_env
+    assert job_env["MLFLOW_TRACKING_URI"] == team.mlflow and job_env["TEAM_TEST_TOKEN"] == "s3cret-for-tests", job_env
     team.timings["work pools"] = round(time.monotonic() - pools_started, 1)
 
     # ---- down by PID; up again on the same data
