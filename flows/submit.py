@@ -29,7 +29,12 @@ def server_problem() -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    deployment, *flags = sys.argv[1:] if argv is None else argv
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0].startswith("-"):
+        print("usage: python -m flows.submit FLOW/DEPLOYMENT [release flags, see python -m flows.release --help]\n"
+              "  e.g. python -m flows.submit release/local --gate.min-accuracy 1", file=sys.stderr)
+        return 0 if args[:1] in (["-h"], ["--help"]) else 2
+    deployment, *flags = args
     try:
         params, _ = parse_command(flags)
     except SystemExit as exit_:

@@ -74,14 +74,18 @@ def pick_onnx(directory: Path, what: str) -> Path:
 
 
 def download_version(client, name: str, version: str, dst_dir: str | Path) -> Path:
-    """Download version `version` of `name` and return `dst_dir/model.onnx`."""
+    """Download version `version` of `name` from `client`'s store and return `dst_dir/model.onnx`.
+
+    The version's artifact location is asked of this client: MLflow resolves a `models:/` URI through
+    its process-wide registry URI, which is whichever store was connected last."""
     import mlflow.artifacts
 
     dst_dir = Path(dst_dir)
     dst_dir.mkdir(parents=True, exist_ok=True)
+    location = client.get_model_version_download_uri(name, version)
     with tempfile.TemporaryDirectory(dir=dst_dir) as scratch:
         local = Path(mlflow.artifacts.download_artifacts(
-            artifact_uri=f"{MODELS_SCHEME}{name}/{version}", dst_path=scratch, tracking_uri=client.tracking_uri
+            artifact_uri=location, dst_path=scratch, tracking_uri=client.tracking_uri
         ))
         found = local if local.suffix == ".onnx" else pick_onnx(local, f"{MODELS_SCHEME}{name}/{version}")
         target = dst_dir / ONNX_FILE_NAME
