@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: install test release convert serve bench cerebrium-bundle rollback stop-server api-key prefect-server prefect-deploy prefect-worker prefect-run
+.PHONY: install test test-services release convert serve bench cerebrium-bundle rollback stop-server api-key prefect-server prefect-deploy prefect-worker prefect-run
 .PHONY: team-up team-down team-status team-env team-import team-pool
 
 install: $(STAMP)
@@ -20,8 +20,18 @@ $(STAMP): pyproject.toml requirements/*.txt
 	$(PY) -m pip install --quiet -c requirements/constraints.txt -e '.[pipeline,dev]'
 	touch $(STAMP)
 
-test: install
+test: install test-services
 	$(PY) -m pytest
+
+# Team mode's integration test (tests/team/) runs a real PostgreSQL: Debian's server binaries, installed
+# with apt when missing and this user may (root, or sudo without a password).
+test-services:
+	@if ! compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then sudo=; elif sudo -n true 2>/dev/null; then sudo="sudo -n"; else \
+	    echo "note: PostgreSQL is not installed and apt needs root: tests/team/ will be skipped (apt-get install postgresql)"; exit 0; fi; \
+	  echo "installing PostgreSQL (apt-get) for tests/team/"; \
+	  $$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq postgresql >/dev/null; \
+	fi
 
 # The seed's converter with its defaults: models/model.onnx from the bundled EfficientNet-Lite0.
 convert: install
