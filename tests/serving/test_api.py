@@ -67,7 +67,7 @@ def test_health_and_ready_need_no_key(server):
     assert requests.get(f"{server.url}/health", timeout=10).json() == {"status": "ok"}
     ready = requests.get(f"{server.url}/ready", timeout=10)
     assert ready.status_code == 200
-    assert ready.json() == {"ready": True, "workers": {"predict_0": "ready", "predict_1": "ready"}}
+    assert ready.json() == {"ready": True, "status": "ready", "workers": {"predict_0": "ready", "predict_1": "ready"}}
 
 
 def test_predict_multipart_matches_the_seed(server, images_dir, expected):
