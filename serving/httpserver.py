@@ -6,8 +6,9 @@ What differs from a plain `uvicorn.run`:
   short); the supervisor's "shut down" message on the answer socket starts uvicorn's graceful
   shutdown: stop accepting, close idle keep-alive connections, finish every accepted request.
 - Request headers must be complete within --header-timeout seconds of the connection (or of a
-  keep-alive request's first byte); uvicorn has no such limit, so a slow-header client could hold
-  a connection forever. This relies on uvicorn's HttpToolsProtocol parser callbacks (uvicorn
+  keep-alive request's first byte), and the body within --body-timeout seconds of the headers
+  (else 408): uvicorn has neither limit, so a slow client could hold a connection forever. This
+  relies on uvicorn's HttpToolsProtocol parser callbacks and RequestResponseCycle flags (uvicorn
   0.54; tests/serving/test_litserve_contract.py checks them).
 - The process dies with the supervisor (PR_SET_PDEATHSIG where Linux offers it).
 """
@@ -52,45 +53,67 @@ def ignore_stop_signals() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-class HeaderTimeoutProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with a deadline for complete request headers."""
+class TimeoutProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with deadlines for complete request headers and body."""
 
     header_timeout = 10.0
-    _header_timer = None
+    body_timeout = 30.0
+    _timer = None
 
-    def _arm(self) -> None:
-        if self._header_timer is None:
-            self._header_timer = self.loop.call_later(self.header_timeout, self._headers_too_slow)
+    def _arm(self, seconds: float, callback) -> None:
+        self._disarm()
+        self._timer = self.loop.call_later(seconds, callback)
 
     def _disarm(self) -> None:
-        if self._header_timer is not None:
-            self._header_timer.cancel()
-            self._header_timer = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
-        self._arm()
+        self._arm(self.header_timeout, self._too_slow)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._arm()
+        if self._timer is None:
+            self._arm(self.header_timeout, self._too_slow)
 
     def on_headers_complete(self) -> None:
-        self._disarm()
         super().on_headers_complete()
+        self._arm(self.body_timeout, self._body_too_slow)
+
+    def on_message_complete(self) -> None:
+        self._disarm()
+        super().on_message_complete()
 
     def connection_lost(self, exc) -> None:
         self._disarm()
         super().connection_lost(exc)
 
-    def _headers_too_slow(self) -> None:
-        self._header_timer = None
+    def _too_slow(self) -> None:
+        self._timer = None
         if not self.transport.is_closing():
             self.transport.close()
 
+    def _body_too_slow(self) -> None:
+        """408 (when no answer has started yet) and close: the app sees a disconnect."""
+        self._timer = None
+        if self.transport.is_closing():
+            return
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_started:
+            message = (f'{{"error": "the request body did not arrive within {self.body_timeout:g} s '
+                       f'(--body-timeout)", "status": 408}}').encode()
+            self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+                                 b"connection: close\r\ncontent-length: " + str(len(message)).encode() +
+                                 b"\r\n\r\n" + message)
+            cycle.response_started = cycle.response_complete = True
+        self.transport.close()
 
-def protocol_with(header_timeout: float) -> type[HeaderTimeoutProtocol]:
-    return type("HeaderTimeoutProtocol", (HeaderTimeoutProtocol,), {"header_timeout": header_timeout})
+
+def protocol_with(header_timeout: float, body_timeout: float) -> type[TimeoutProtocol]:
+    return type("TimeoutProtocol", (TimeoutProtocol,), {"header_timeout": header_timeout,
+                                                        "body_timeout": body_timeout})
 
 
 class SupervisedServer(uvicorn.Server):
@@ -108,7 +131,7 @@ def http_main(index: int, config, info, state, worker_names: list[str], sock) ->
 
     app = build_app(config, info, state, worker_names, index)
     uvicorn_config = uvicorn.Config(
-        app, http=protocol_with(config.header_timeout), loop="uvloop", lifespan="on", log_level=config.log_level,
+        app, http=protocol_with(config.header_timeout, config.body_timeout), loop="uvloop", lifespan="on", log_level=config.log_level,
         access_log=False, timeout_keep_alive=5, timeout_graceful_shutdown=max(1, int(config.drain_timeout)),
     )
     server = SupervisedServer(uvicorn_config)

@@ -9,7 +9,6 @@ undecodable images (400). A client that goes away mid-upload is an expected even
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import json
@@ -21,12 +20,14 @@ from fastapi import HTTPException, Request
 from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
 
+from serving import multipart
 from serving.images import ImageError, finish_decode, open_image, resize_to_input, resized_short_side
 from serving.metrics import metrics
 
 log = logging.getLogger(__name__)
 
 FILE_FIELD = "file"
+MAX_FIELDS = 100  # text fields tolerated in a multipart body (clients add some; none is used)
 SUPPORTED = "multipart/form-data with a 'file' field, a raw image/* body, or application/json {\"image\": \"<base64>\"}"
 
 
@@ -36,7 +37,6 @@ class Limits:
     max_images: int
     max_image_pixels: int
     max_request_pixels: int
-    body_timeout: float
 
 
 class ClientGone(Exception):
@@ -57,21 +57,14 @@ class PayloadTooLarge(HTTPException):
                          "--max-payload-bytes); downscale or compress the image")
 
 
-class BodyTimeout(HTTPException):
-    def __init__(self, seconds: float):
-        super().__init__(status_code=408, detail=f"the request body did not arrive within {seconds:g} s "
-                         "(--body-timeout)", headers={"Connection": "close"})
-
-
 class IngressLimitMiddleware:
-    """Refuse bodies over `max_bytes` (early on Content-Length, else while streaming) and bodies
-    that take longer than `body_timeout` seconds to arrive (slow uploads hold no inference slot,
-    but they hold a connection and memory)."""
+    """Refuse bodies over `max_bytes`: early on Content-Length, else while streaming (chunked).
+    (The body read timeout is enforced by the HTTP protocol: serving/httpserver.py.)"""
 
-    def __init__(self, app, max_bytes: int, body_timeout: float):
+    def __init__(self, app, max_bytes: int):
         if not isinstance(max_bytes, int):
             raise TypeError(f"max_bytes must be an int number of bytes, got {max_bytes!r}")
-        self.app, self.max_bytes, self.body_timeout = app, max_bytes, body_timeout
+        self.app, self.max_bytes = app, max_bytes
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -86,32 +79,17 @@ class IngressLimitMiddleware:
             error = PayloadTooLarge(self.max_bytes)
             await error_response(error.status_code, error.detail, {"Connection": "close"})(scope, receive, send)
             return
-        seen, body_deadline, done = 0, time.monotonic() + self.body_timeout, False
+        seen = 0
 
         async def limited_receive():
-            nonlocal seen, done
-            if done:  # the body is complete: what follows is only the disconnect notice
-                return await receive()
-            try:
-                message = await within(receive(), body_deadline - time.monotonic())
-            except (TimeoutError, asyncio.TimeoutError):
-                raise BodyTimeout(self.body_timeout) from None
+            nonlocal seen
+            message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.max_bytes:
                 raise PayloadTooLarge(self.max_bytes)
-            if message.get("type") != "http.request" or not message.get("more_body", False):
-                done = True
             return message
 
         await self.app(scope, limited_receive, send)
-
-
-async def within(awaitable, seconds: float):
-    """`await awaitable` for at most `seconds` (asyncio.timeout where it exists: no extra task)."""
-    if hasattr(asyncio, "timeout"):
-        async with asyncio.timeout(max(0.0, seconds)):
-            return await awaitable
-    return await asyncio.wait_for(awaitable, max(0.0, seconds))
 
 
 def decode_base64(value, where: str) -> bytes:
@@ -160,34 +138,30 @@ async def read_uploads(request: Request, max_images: int) -> list[tuple[str, byt
 
 async def read_multipart(request: Request, max_images: int) -> list[tuple[str, bytes]]:
     try:
-        form = await request.form(max_files=max_images, max_fields=100)
-    except HTTPException as error:
-        if isinstance(error, (PayloadTooLarge, BodyTimeout)):
-            raise
-        if "too many files" in str(error.detail).lower():
+        parts = multipart.parse(await request.body(), multipart.boundary_of(request.headers.get("content-type", "")),
+                                max_files=max_images, max_fields=MAX_FIELDS)
+    except multipart.MultipartError as error:
+        raise bad_request(f"malformed multipart body: {error}") from None
+    except OverflowError as error:
+        if "files" in str(error):
             raise too_many(f"more than {max_images}", max_images) from None
-        raise bad_request(f"malformed multipart body: {error.detail}") from None
-    try:
-        items = form.multi_items()
-        files = [(key, value) for key, value in items if key == FILE_FIELD]
-        if not files:
-            other = sorted({key for key, value in items if hasattr(value, "read")})
-            if other:
-                raise bad_request(f"wrong field name: the image is in {', '.join(map(repr, other))}; "
-                                  f"send it in the multipart field {FILE_FIELD!r}")
-            raise bad_request(f"no file: the multipart body has no {FILE_FIELD!r} field")
-        uploads = []
-        for index, (_, value) in enumerate(files, start=1):
-            if not hasattr(value, "read"):
-                raise bad_request(f"field {FILE_FIELD!r} #{index} is text, not a file upload")
-            name = value.filename or f"file #{index}"
-            data = await value.read()
-            if not data:
-                raise bad_request(f"empty file: {name!r} has 0 bytes")
-            uploads.append((name, data))
-        return uploads
-    finally:
-        await form.close()
+        raise bad_request(f"malformed multipart body: {error}") from None
+    files = [part for part in parts if part.name == FILE_FIELD]
+    if not files:
+        other = sorted({part.name for part in parts if part.filename is not None})
+        if other:
+            raise bad_request(f"wrong field name: the image is in {', '.join(map(repr, other))}; "
+                              f"send it in the multipart field {FILE_FIELD!r}")
+        raise bad_request(f"no file: the multipart body has no {FILE_FIELD!r} field")
+    uploads = []
+    for index, part in enumerate(files, start=1):
+        if part.filename is None:
+            raise bad_request(f"field {FILE_FIELD!r} #{index} is text, not a file upload")
+        name = part.filename or f"file #{index}"
+        if not part.data:
+            raise bad_request(f"empty file: {name!r} has 0 bytes")
+        uploads.append((name, part.data))
+    return uploads
 
 
 def read_json(body: bytes, max_images: int = 1 << 30) -> list[tuple[str, bytes]]:

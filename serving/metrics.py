@@ -31,6 +31,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -123,28 +124,32 @@ class MetricsMiddleware:
 
     def __init__(self, app):
         self.app = app
+        self.children: dict = {}  # (endpoint, status) -> (counter, histogram): labels() costs ~10 us
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        import time
-
         start = time.perf_counter()
-        status = {"code": 500}
+        status = 500
 
         async def send_wrapper(message):
+            nonlocal status
             if message["type"] == "http.response.start":
-                status["code"] = message["status"]
+                status = message["status"]
             await send(message)
 
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            endpoint = endpoint_label(scope.get("path", ""))
-            m = metrics()
-            m.requests.labels(endpoint=endpoint, status=str(status["code"])).inc()
-            m.request_duration.labels(endpoint=endpoint).observe(time.perf_counter() - start)
+            key = (endpoint_label(scope.get("path", "")), status)
+            children = self.children.get(key)
+            if children is None:
+                m = metrics()
+                children = self.children[key] = (m.requests.labels(endpoint=key[0], status=str(status)),
+                                                 m.request_duration.labels(endpoint=key[0]))
+            children[0].inc()
+            children[1].observe(time.perf_counter() - start)
 
 
 def mark_process_dead(pid: int) -> None:
