@@ -21,8 +21,13 @@ from pathlib import Path
 import numpy as np
 
 
-def build_null_artifact(source: str | Path, target: str | Path) -> Path:
-    """Write the null twin of the artifact `source` to `target` and return `target`."""
+def build_null_artifact(source: str | Path, target: str | Path, work: int = 0) -> Path:
+    """Write the null twin of the artifact `source` to `target` and return `target`.
+
+    `work` > 0 makes it slow on purpose, like a big model: every call also squares a work x work
+    matrix that depends on the input (so ONNX Runtime cannot fold it away): 2 x work^3 FLOP per
+    call whatever the batch size (work=1024: a few ms to tens of ms on a CPU). The overload and
+    drain tests use it to hold requests in flight for a predictable while."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -41,9 +46,22 @@ def build_null_artifact(source: str | Path, target: str | Path) -> Path:
         helper.make_node("Slice", ["images", "starts", "ends", "axes"], ["corner"]),
         helper.make_node("Reshape", ["corner", "flat_shape"], ["pixel_u8"]),
         helper.make_node("Cast", ["pixel_u8"], ["pixel"], to=TensorProto.FLOAT),
-        helper.make_node("MatMul", ["pixel", "weights"], ["logits"]),
-        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=-1),
+        helper.make_node("MatMul", ["pixel", "weights"], ["raw_logits"]),
     ]
+    if work > 0:  # logits + 0 * sum(M @ M), M = ones(work, work) * mean(pixel): input-dependent, never folded
+        nodes += [
+            helper.make_node("ReduceMean", ["pixel"], ["level"], keepdims=0),
+            helper.make_node("ConstantOfShape", ["work_shape"], ["ones"],
+                             value=numpy_helper.from_array(np.array([1.0], np.float32))),
+            helper.make_node("Mul", ["ones", "level"], ["matrix"]),
+            helper.make_node("MatMul", ["matrix", "matrix"], ["squared"]),
+            helper.make_node("ReduceSum", ["squared"], ["total"], keepdims=0),
+            helper.make_node("Mul", ["total", "zero"], ["nothing"]),
+            helper.make_node("Add", ["raw_logits", "nothing"], ["logits"]),
+        ]
+    else:
+        nodes.append(helper.make_node("Identity", ["raw_logits"], ["logits"]))
+    nodes.append(helper.make_node("Softmax", ["logits"], ["probabilities"], axis=-1))
     initializers = [
         numpy_helper.from_array(np.array([0, 0], np.int64), "starts"),
         numpy_helper.from_array(np.array([1, 1], np.int64), "ends"),
@@ -51,6 +69,9 @@ def build_null_artifact(source: str | Path, target: str | Path) -> Path:
         numpy_helper.from_array(np.array([-1, 3], np.int64), "flat_shape"),
         numpy_helper.from_array(weights, "weights"),
     ]
+    if work > 0:
+        initializers += [numpy_helper.from_array(np.array([work, work], np.int64), "work_shape"),
+                         numpy_helper.from_array(np.array(0.0, np.float32), "zero")]
     graph = helper.make_graph(
         nodes,
         "onnxship-null",
@@ -76,8 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Build the null twin of an onnxship artifact.")
     parser.add_argument("source", type=Path)
     parser.add_argument("target", type=Path)
+    parser.add_argument("--work", type=int, default=0, help="make every call cost 2 x work^3 FLOP (0: none)")
     args = parser.parse_args(argv)
-    print(build_null_artifact(args.source, args.target))
+    print(build_null_artifact(args.source, args.target, args.work))
     return 0
 
 

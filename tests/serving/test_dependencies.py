@@ -27,3 +27,55 @@ def test_server_requirements_leave_out_the_pipeline():
     names = {line.split("==")[0].strip().lower() for line in lines if line.strip() and not line.startswith("#")}
     assert not names & {"torch", "prefect", "mlflow", "onnx", "onnxsim", "onnxruntime-gpu"}, names
     assert "onnxruntime" in names and "litserve" in names
+
+
+def serving_imports() -> dict[str, set[str]]:
+    """serving module -> the serving modules it imports (at module level or inside functions)."""
+    import ast
+
+    graph = {}
+    for path in sorted((REPO / "serving").glob("*.py")):
+        name = f"serving.{path.stem}" if path.stem != "__init__" else "serving"
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("serving"):
+                found.add(node.module)
+                found.update(f"{node.module}.{a.name}" for a in node.names if node.module == "serving")
+            elif isinstance(node, ast.Import):
+                found.update(a.name for a in node.names if a.name.startswith("serving"))
+        graph[name] = {m for m in found if m != name and (REPO / (m.replace(".", "/") + ".py")).exists()}
+    return graph
+
+
+def test_no_import_cycle_in_serving():
+    graph = serving_imports()
+    state: dict[str, int] = {}
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = 1
+        for target in sorted(graph.get(module, ())):
+            if state.get(target) == 1:
+                raise AssertionError("import cycle: " + " -> ".join(path[path.index(target):] + [target]))
+            if target not in state:
+                visit(target, path + [target])
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+
+
+def test_serving_modules_stay_small():
+    sizes = {p.name: len(p.read_text().splitlines()) for p in (REPO / "serving").glob("*.py")}
+    assert max(sizes.values()) <= 450, sorted(sizes.items(), key=lambda item: -item[1])[:3]
+
+
+def test_litserve_internals_are_used_in_one_module_only():
+    import re
+
+    for path in sorted((REPO / "serving").glob("*.py")):
+        if path.name == "litserve_bridge.py":
+            continue
+        text = path.read_text()
+        private = re.findall(r"^\s*(?:from litserve\.\S+ import .*|import litserve\.\S+.*)$|ls\._\w+", text, re.M)
+        assert not private, f"{path.name} uses LitServe beyond its public API: {private} (move it into litserve_bridge.py)"
