@@ -39,9 +39,10 @@ from serving.metrics import MetricsMiddleware, metrics, render
 
 log = logging.getLogger(__name__)
 
-# Requests whose images decode to at most this many pixels are decoded in the event loop (about
-# 3 ms for a typical photo JPEG after DCT scaling); bigger ones go to a thread, so that the loop
-# keeps answering /health and other requests meanwhile (README, "Where the CPU goes").
+# A request that is alone in its HTTP process and whose images decode to at most this many pixels
+# (about 3 ms for a typical photo JPEG after DCT scaling) is decoded in the event loop, which saves
+# the thread hop on a lone client's latency; otherwise decoding runs in a thread, so that the loop
+# keeps answering /health, rejections and other requests meanwhile (README, "Where the CPU goes").
 INLINE_DECODE_PIXELS = int(os.environ.get("ONNXSHIP_INLINE_DECODE_PIXELS", 600_000))
 RETRY_AFTER_S = 1  # what a 503 tells the client to wait before retrying
 CLIENT_GONE = 499  # nginx's "client closed request": counted in the metrics, never sent
@@ -120,7 +121,7 @@ def build_app(config: ServerConfig, info: ModelInfo, state: SharedState, worker_
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        dispatcher = Dispatcher(state, app.state.server_index)
+        dispatcher = Dispatcher(state, app.state.server_index, config.max_queue_wait)
         dispatcher.on_shutdown = app.state.on_shutdown
         dispatcher.start()
         holder["dispatcher"] = dispatcher
@@ -165,7 +166,7 @@ def build_app(config: ServerConfig, info: ModelInfo, state: SharedState, worker_
             return unavailable(refused_now)
         try:
             opened, pixels = open_all(uploads, size, policy, limits)
-            if pixels <= INLINE_DECODE_PIXELS:
+            if pixels <= INLINE_DECODE_PIXELS and dispatcher.held == len(slots):  # alone here: nobody waits
                 decode_opened(opened, dispatcher.views(slots), size, policy)
             else:
                 await asyncio.get_running_loop().run_in_executor(holder["decoder"], decode_opened, opened,

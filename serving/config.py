@@ -29,6 +29,7 @@ QUEUE_BATCHES = 8
 # 2x oversubscription measured no loss), small greedy batches (batching barely helps a CPU).
 CPU_DEFAULTS = {"max_batch_size": 4, "batch_timeout": 0.0}
 GPU_DEFAULTS = {"workers": 1, "max_batch_size": 32, "batch_timeout": 0.005}
+CPU_WORKER_NICE = 5
 
 ENV = {  # field -> environment variable
     "model": "ONNXSHIP_MODEL",
@@ -59,6 +60,8 @@ ENV = {  # field -> environment variable
     "max_image_pixels": "ONNXSHIP_MAX_IMAGE_PIXELS",
     "max_request_pixels": "ONNXSHIP_MAX_REQUEST_PIXELS",
     "docs": "ONNXSHIP_DOCS",
+    "max_queue_wait": "ONNXSHIP_MAX_QUEUE_WAIT",
+    "worker_nice": "ONNXSHIP_WORKER_NICE",
 }
 ENV_ALIASES = {"expected_sha256": ("MODEL_SHA256",)}
 
@@ -102,6 +105,8 @@ class ServerConfig:
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS
     docs: bool = False
+    max_queue_wait: float = 1.0
+    worker_nice: int | None = None
 
     def validate(self) -> ServerConfig:
         if not self.model:
@@ -116,7 +121,7 @@ class ServerConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} {value}: must be >= 1 ({ENV[name]})")
         if self.batch_timeout is not None and self.batch_timeout < 0:
             raise ConfigError(f"--batch-timeout {self.batch_timeout}: must be >= 0 seconds")
-        for name in ("request_timeout", "drain_timeout", "header_timeout", "body_timeout"):
+        for name in ("request_timeout", "drain_timeout", "header_timeout", "body_timeout", "max_queue_wait"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be > 0 seconds ({ENV[name]})")
         if self.drain_grace < 0 or self.drain_grace >= self.drain_timeout:
@@ -144,6 +149,7 @@ class ServerConfig:
         if threads is None and device == "cpu":
             threads = cpu_threads_per_worker(cpu_count(), workers)
         max_batch_size = self.max_batch_size or defaults["max_batch_size"]
+        worker_nice = self.worker_nice if self.worker_nice is not None else (0 if device == "cuda" else CPU_WORKER_NICE)
         api_servers = self.api_servers or workers
         return replace(
             self,
@@ -154,6 +160,7 @@ class ServerConfig:
             api_servers=api_servers,
             max_queued_images=admission_bound(workers, max_batch_size, api_servers, self.max_images_per_request,
                                               self.max_queued_images),
+            worker_nice=worker_nice,
         )
 
     def public(self) -> dict:
@@ -182,7 +189,8 @@ def from_env(environ: dict | None = None) -> dict:
              "batch_timeout": float, "max_payload_bytes": int, "max_images_per_request": int,
              "no_auth": _parse_bool, "tensorrt": _parse_bool, "docs": _parse_bool, "max_queued_images": int,
              "request_timeout": float, "drain_timeout": float, "drain_grace": float, "header_timeout": float,
-             "body_timeout": float, "max_image_pixels": int, "max_request_pixels": int}
+             "body_timeout": float, "max_image_pixels": int, "max_request_pixels": int, "max_queue_wait": float,
+             "worker_nice": int}
     found = {}
     for name, variable in ENV.items():
         for candidate in (variable, *ENV_ALIASES.get(name, ())):
@@ -244,6 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
         f"{DEFAULT_MAX_IMAGE_PIXELS:,}) [ONNXSHIP_MAX_IMAGE_PIXELS]")
     add("--max-request-pixels", type=int, help=f"most pixels decoded per request, all images together (default "
         f"{DEFAULT_MAX_REQUEST_PIXELS:,}) [ONNXSHIP_MAX_REQUEST_PIXELS]")
+    add("--max-queue-wait", type=float, help="allowed queueing time in front of the workers: the admission bound "
+        "shrinks while requests wait longer (default 1) [ONNXSHIP_MAX_QUEUE_WAIT]")
+    add("--worker-nice", type=int, help=f"niceness added to the inference workers (default cpu "
+        f"{CPU_WORKER_NICE}: decoding, rejections and /health go first; gpu 0) [ONNXSHIP_WORKER_NICE]")
     add("--docs", action="store_true", default=None, help="serve the API docs (/docs, /openapi.json); off by "
         "default [ONNXSHIP_DOCS]")
     return parser

@@ -1,9 +1,13 @@
 """The HTTP process's side of the hand-off (serving/handoff.py): admission, slots, answers.
 
-Admission control is the slot pool itself: this process may hold at most `limit` images (its
-partition of --max-queued-images) between taking slots and receiving their answers. A request is
-refused with a fast 503 (`Refused`) when the server is draining, when no inference worker is
-ready, or when its images do not fit: the check runs before the body is read, and again (exactly)
+Admission control is the slot pool itself: this process may hold at most `limit` images between
+taking slots and receiving their answers. `limit` starts at its partition of --max-queued-images
+(workers x max batch x QUEUE_BATCHES) and adapts to the allowed queueing time (--max-queue-wait):
+when answers report a queue wait above it, the limit shrinks (multiplicatively, at most once per
+allowed queueing time); while they wait less than half of it, it grows back by one per answer. So
+a slow model or a busy machine queues seconds less, and a fast one keeps its full bound. A request
+is refused with a fast 503 (`Refused`) when no inference worker is ready or when its images do not
+fit (a request alone in this process always fits, up to its partition): the check runs before the body is read, and again (exactly)
 once the image count is known, before any decoding.
 
 Answers arrive on this process's own socket, read with `loop.add_reader` (no thread hop per
@@ -24,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from serving.handoff import (ANSWER, DROPPED, ERROR, F_DRAINING, MODE_CLASS, MODE_TOP, OK, RECEIVE_BYTES, SHUTDOWN,
+from serving.handoff import (ANSWER, DROPPED, ERROR, MODE_CLASS, MODE_TOP, OK, RECEIVE_BYTES, SHUTDOWN,
                              WORKER_DEAD, Descriptor, SharedState)
 from serving.metrics import metrics
 
@@ -35,7 +39,7 @@ SWEEP_S = 5.0
 
 
 class Refused(Exception):
-    """503 before any work: reason is one of draining | no_worker | queue_full."""
+    """503 before any work: reason is no_worker or queue_full."""
 
     def __init__(self, reason: str, message: str):
         super().__init__(message)
@@ -73,10 +77,12 @@ class Pending:
 
 
 class Dispatcher:
-    def __init__(self, state: SharedState, server: int):
+    def __init__(self, state: SharedState, server: int, max_queue_wait: float = 1.0):
         self.state, self.server = state, server
         self.free = list(reversed(state.partition(server)))  # pop() takes the lowest: few pages touched when idle
-        self.limit = state.slots_per_server
+        self.limit = self.limit_max = state.slots_per_server
+        self.max_queue_wait = max_queue_wait
+        self.shrunk_at = 0.0
         self.held = 0
         self.pending: dict[int, Pending] = {}
         self.next_id = (os.getpid() & 0x3FFFFF) << 40
@@ -98,11 +104,11 @@ class Dispatcher:
     # ------------------------------------------------------------ admission and slots
 
     def refusal(self, images: int = 1) -> Refused | None:
-        if self.state.flags[F_DRAINING]:
-            return Refused("draining", "the server is shutting down: retry on another replica")
+        # (a draining server still serves what reaches it: /ready already says 503, and after
+        # --drain-grace no new connection is accepted at all)
         if self.state.ready_workers() == 0:
             return Refused("no_worker", "no inference worker is ready (starting or restarting): retry shortly")
-        if self.held + images > self.limit:
+        if self.held and self.held + images > self.limit:
             return Refused("queue_full", f"server at capacity ({self.held} images queued or in flight here, "
                            f"limit {self.limit}): retry after the Retry-After delay")
         return None
@@ -111,6 +117,9 @@ class Dispatcher:
         refused = self.refusal(images)
         if refused is not None:
             raise refused
+        if images > len(self.free):
+            raise Refused("queue_full", f"server at capacity ({self.held} images queued or in flight here): "
+                          "retry after the Retry-After delay")
         slots = [self.free.pop() for _ in range(images)]
         self.held += images
         metrics().queued.set(self.held)
@@ -216,11 +225,23 @@ class Dispatcher:
             ids = np.frombuffer(payload, "<i4", n * k).reshape(n, k)
             confidences = np.frombuffer(payload, "<f4", n * k, 4 * n * k).reshape(n, k)
             metrics().handoff.observe(max(0.0, time.monotonic() - pending.sent_at - queue_wait - infer))
+            self._adapt(queue_wait)
             future.set_result(Answer(ids, confidences, queue_wait, infer, batch))
         elif kind == DROPPED:
             future.set_exception(DeadlineExceeded())
         elif kind == ERROR:
             future.set_exception(InferenceFailed(b"".join(pending.parts).decode("utf-8", "replace")))
+
+    def _adapt(self, queue_wait: float) -> None:
+        """Keep the queue wait near the allowed queueing time (AIMD on the admission limit)."""
+        if queue_wait > self.max_queue_wait:
+            now = time.monotonic()
+            if now - self.shrunk_at > self.max_queue_wait:
+                self.limit = max(1, int(self.limit * 0.8))
+                self.shrunk_at = now
+        elif queue_wait < self.max_queue_wait / 2 and self.limit < self.limit_max:
+            self.limit += 1
+        metrics().admission_limit.set(self.limit)
 
     def _worker_died(self, worker: int) -> None:
         taken = self.state.slot_taken

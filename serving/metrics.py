@@ -17,6 +17,8 @@ Metrics:
   onnxship_handoff_seconds                        histogram  per request: round trip to the worker
                                                              minus queue wait minus inference
   onnxship_queued_images                          gauge      images admitted, not yet answered
+  onnxship_admission_limit_images                 gauge      the admission bound now (adapts to the
+                                                             allowed queueing time)
   onnxship_shed_total{reason}                     counter    503 before any work: queue_full |
                                                              no_worker | draining
   onnxship_dropped_total{reason}                  counter    admitted, never computed: deadline |
@@ -81,6 +83,8 @@ class Metrics:
         self.handoff = Histogram("onnxship_handoff_seconds", "Per request: round trip to the worker minus queue "
                                  "wait minus inference", buckets=FINE_BUCKETS)
         self.queued = Gauge("onnxship_queued_images", "Images admitted and not yet answered", multiprocess_mode="livesum")
+        self.admission_limit = Gauge("onnxship_admission_limit_images", "Images the server admits at most now "
+                                     "(adapted to --max-queue-wait)", multiprocess_mode="livesum")
         self.shed = Counter("onnxship_shed", "Requests refused with 503 before any work", ["reason"])
         self.dropped = Counter("onnxship_dropped", "Admitted requests never computed", ["reason"])
         self.disconnects = Counter("onnxship_client_disconnects", "Clients gone before their answer", ["stage"])

@@ -41,11 +41,16 @@ TICK_S = 0.25
 WORKER_STOP_S = 5.0
 
 
-def worker_main(lit_api, device: str, worker_id: int, side, answers, status_codes) -> None:
+def worker_main(lit_api, device: str, worker_id: int, side, answers, status_codes, nice: int = 0) -> None:
     """Entry point of an inference worker process (spawned)."""
     ignore_stop_signals()
     die_with_parent()
     name_process(f"onnxship-work{worker_id}")
+    if nice:  # the HTTP processes go first: rejections and /health stay fast when the cores are full
+        try:
+            os.nice(nice)
+        except OSError:
+            pass
     run_inference_worker(lit_api, device, worker_id, side, answers, status_codes)
 
 
@@ -76,7 +81,8 @@ class Supervisor:
         self.state.worker_status[w] = W_STARTING
         process = mp.get_context("spawn").Process(
             target=worker_main, name=f"onnxship-worker{w}",
-            args=(self.api, self.devices[w], w, self.side, self.answers, self.state.worker_status))
+            args=(self.api, self.devices[w], w, self.side, self.answers, self.state.worker_status,
+                  self.config.worker_nice or 0))
         process.start()
         self.state.worker_pid[w] = process.pid
         self.workers[w] = process

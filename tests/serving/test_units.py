@@ -225,8 +225,9 @@ def test_ready_reports_starting_degraded_and_draining(default_artifact, tmp_path
         state.flags[F_DRAINING] = 1
         draining = client.get("/ready")
         assert draining.status_code == 503 and draining.json()["status"] == "draining"
+        state.worker_status[0] = W_STARTING
         shed = client.post("/predict", content=b"x", headers={"Content-Type": "image/jpeg"})
-        assert shed.status_code == 503 and shed.headers["Retry-After"] == "1"
+        assert shed.status_code == 503 and shed.headers["Retry-After"] == "1" and "no inference worker" in shed.text
         routes = {getattr(route, "path", None) for route in client.app.router.routes}
         assert "/docs" not in routes and "/openapi.json" not in routes
         assert client.post("/predict/", content=b"x").status_code == 404  # no redirect (no Host-built Location)
