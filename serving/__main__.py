@@ -89,7 +89,8 @@ def serve(config) -> int:
         devices = worker_devices(device, config.workers, visible_gpu_count() if device == "cuda" else 0)
         api = ClassifierAPI(path, device=device, intra_op_threads=config.intra_op_threads, tensorrt=config.tensorrt,
                             max_batch_size=config.max_batch_size, batch_timeout=config.batch_timeout,
-                            state_dir=state_dir)
+                            state_dir=state_dir,
+                            allow_spinning={"on": True, "off": False}.get(config.ort_spinning))
         size = metadata.input_size
         state = SharedState(config.api_servers, -(-config.max_queued_images // config.api_servers), len(devices),
                             (size, size, 3))

@@ -62,6 +62,7 @@ ENV = {  # field -> environment variable
     "docs": "ONNXSHIP_DOCS",
     "max_queue_wait": "ONNXSHIP_MAX_QUEUE_WAIT",
     "worker_nice": "ONNXSHIP_WORKER_NICE",
+    "ort_spinning": "ONNXSHIP_ORT_SPINNING",
 }
 ENV_ALIASES = {"expected_sha256": ("MODEL_SHA256",)}
 
@@ -107,10 +108,13 @@ class ServerConfig:
     docs: bool = False
     max_queue_wait: float = 1.0
     worker_nice: int | None = None
+    ort_spinning: str = "auto"
 
     def validate(self) -> ServerConfig:
         if not self.model:
             raise ConfigError("no model: pass --model PATH|models:/name@alias or set ONNXSHIP_MODEL")
+        if self.ort_spinning not in ("auto", "on", "off"):
+            raise ConfigError(f"--ort-spinning {self.ort_spinning!r}: expected auto, on or off")
         if self.device not in DEVICES:
             raise ConfigError(f"--device {self.device!r}: expected one of {', '.join(DEVICES)}")
         if not 1 <= self.port <= 65535:
@@ -256,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
         "shrinks while requests wait longer (default 1) [ONNXSHIP_MAX_QUEUE_WAIT]")
     add("--worker-nice", type=int, help=f"niceness added to the inference workers (default cpu "
         f"{CPU_WORKER_NICE}: decoding, rejections and /health go first; gpu 0) [ONNXSHIP_WORKER_NICE]")
+    add("--ort-spinning", choices=("auto", "on", "off"), help="ONNX Runtime threads spin while waiting for work: "
+        "auto = off on CPU (they would take the cores decoding needs), on with CUDA [ONNXSHIP_ORT_SPINNING]")
     add("--docs", action="store_true", default=None, help="serve the API docs (/docs, /openapi.json); off by "
         "default [ONNXSHIP_DOCS]")
     return parser
