@@ -191,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="before each measurement wait up to this many seconds for the CPUs to be < 15%% busy")
     parser.add_argument("--images-dir", type=Path, action="append", default=[], help="more JPEG files")
     parser.add_argument("--max-images", type=int, default=200)
+    parser.add_argument("--images-per-request", type=int, default=1,
+                        help="multipart files per HTTP request (the per-request overhead is shared by them)")
     parser.add_argument("--server-args", default="", help="extra flags for python -m serving, e.g. '--workers 2'")
     parser.add_argument("--compare", type=Path, help="also run the server of this checkout (system b0, same venv)")
     parser.add_argument("--compare-args", default="", help="extra flags for the --compare server")
@@ -247,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
                     else:
                         headers = {} if key == "c" else {"X-API-Key": BENCH_KEY}
                         level = bench_http(NAMES[key], ports[key], "/predict", headers, bodies, concurrency,
-                                           args.duration, args.warmup, pid=servers[key].pid)
+                                           args.duration, args.warmup, pid=servers[key].pid,
+                                           images_per_request=args.images_per_request if key != "c" else 1)
                     kept = at(results[key], level.concurrency)
                     if kept is None:
                         results[key].append(level)

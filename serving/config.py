@@ -29,7 +29,9 @@ QUEUE_BATCHES = 8
 # 2x oversubscription measured no loss), small greedy batches (batching barely helps a CPU).
 CPU_DEFAULTS = {"max_batch_size": 4, "batch_timeout": 0.0}
 GPU_DEFAULTS = {"workers": 1, "max_batch_size": 32, "batch_timeout": 0.005}
-CPU_WORKER_NICE = 5
+# Inference workers' niceness on CPU: +5 (HTTP processes first) measured no better rejection latency
+# than the machine's noise on the 2-core machine, and less goodput (README, "Failure model").
+CPU_WORKER_NICE = 0
 
 ENV = {  # field -> environment variable
     "model": "ONNXSHIP_MODEL",
@@ -258,8 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
         f"{DEFAULT_MAX_REQUEST_PIXELS:,}) [ONNXSHIP_MAX_REQUEST_PIXELS]")
     add("--max-queue-wait", type=float, help="allowed queueing time in front of the workers: the admission bound "
         "shrinks while requests wait longer (default 1) [ONNXSHIP_MAX_QUEUE_WAIT]")
-    add("--worker-nice", type=int, help=f"niceness added to the inference workers (default cpu "
-        f"{CPU_WORKER_NICE}: decoding, rejections and /health go first; gpu 0) [ONNXSHIP_WORKER_NICE]")
+    add("--worker-nice", type=int, help="niceness added to the inference workers, e.g. 5 so that decoding, "
+        "rejections and /health go first when the cores are full (default 0) [ONNXSHIP_WORKER_NICE]")
     add("--ort-spinning", choices=("auto", "on", "off"), help="ONNX Runtime threads spin while waiting for work: "
         "auto = off on CPU (they would take the cores decoding needs), on with CUDA [ONNXSHIP_ORT_SPINNING]")
     add("--docs", action="store_true", default=None, help="serve the API docs (/docs, /openapi.json); off by "
