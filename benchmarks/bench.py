@@ -57,7 +57,10 @@ def bench_in_process_threads(model: Path, bodies: list[bytes], concurrency: int,
         classifier.predict(classifier.load_input(bodies[i % len(bodies)]))
         return True
 
-    return run_level(NAMES["a"], concurrency, duration, warmup, call)
+    level = run_level(NAMES["a"], concurrency, duration, warmup, call)
+    if level.cpu is not None:  # the work ran in this process: its CPU is the system's, not a load generator's
+        level.cpu = CpuSample({"main": level.cpu.self_seconds}, 0.0)
+    return level
 
 
 def _in_process_loop(model: str, bodies: list[bytes], offset: int, start_at: float, stop_at: float, out) -> None:
@@ -124,7 +127,7 @@ def table(results: dict[str, list[Level]], null: bool) -> list[str]:
     return lines
 
 
-def summarize(results: dict[str, list[Level]], null: bool) -> tuple[dict, list[str]]:
+def summarize(results: dict[str, list[Level]], null: bool, images_per_request: int = 1) -> tuple[dict, list[str]]:
     """The figures each issue asks for, with PASS/MISS against the targets."""
     summary, lines = {}, []
     a = results.get("a") or []
@@ -143,7 +146,7 @@ def summarize(results: dict[str, list[Level]], null: bool) -> tuple[dict, list[s
             verdict = "" if target is None else f" (target >= {target}): {'PASS' if ratio >= target else 'MISS'}"
             lines.append(f"- {name}: best {b_best.throughput:.1f} img/s at {b_best.concurrency} = "
                          f"{ratio:.3f} x the in-process ceiling {best(a).throughput:.1f}{verdict}")
-        if a1 and b1:
+        if a1 and b1 and images_per_request == 1:  # (a multi-image request's latency is not one image's)
             added = b1.percentile(50) - a1.percentile(50)
             entry["lone_added_ms"] = round(added, 2)
             verdict = f" (target <= 1 ms): {'PASS' if added <= 1.0 else 'MISS'}" if null else ""
@@ -261,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for process in servers.values():
             stop_server(process)
-    summary, lines = summarize(results, args.null)
+    summary, lines = summarize(results, args.null, args.images_per_request)
     print()
     print("\n".join(table(results, args.null)))
     print()
