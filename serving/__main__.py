@@ -10,7 +10,6 @@ inference workers; SIGTERM/SIGINT (to this process or its whole group) drain the
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import signal
 import sys
