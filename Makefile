@@ -41,9 +41,9 @@ convert: install
 serve: install
 	$(PY) -m serving --model $(or $(MODEL),models/model.onnx) $(ARGS)
 
-# In-process ceiling vs this server vs a seed-like baseline, side by side (serving/bench.py).
+# In-process ceiling vs this server vs a seed-like baseline, side by side (benchmarks/bench.py).
 bench: install
-	$(PY) -m serving.bench --model $(or $(MODEL),models/model.onnx) $(ARGS)
+	$(PY) -m benchmarks.bench --model $(or $(MODEL),models/model.onnx) $(ARGS)
 
 # make release TARGET=cerebrium deploys to Cerebrium (README.md, "Deploy to Cerebrium").
 release: install

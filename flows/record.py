@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from flows import registry
-from flows.deploy.local import pid_alive
+from serving.processes import pid_alive
 from flows.params import ReleaseParams
 from flows.report import ReleaseSummary, build_console, build_markdown, say
 from flows.stages.benchmark import ENGINE_ORT_DECODE, BenchmarkResult

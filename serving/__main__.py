@@ -3,14 +3,13 @@
 Start-up checks happen here, in the main process, before any worker is spawned: configuration
 and authentication, the model resolves and honours the artifact contract, its sha256 matches
 `--expected-sha256` when given, and the device is usable. A failed check exits with status 2 and
-a message that names the fix. SIGTERM (what Docker and Kubernetes send, also to a Python PID 1,
-which has no default handler) triggers LitServe's graceful shutdown.
+a message that names the fix. Then serving/supervisor.py runs the HTTP processes and the
+inference workers; SIGTERM/SIGINT (to this process or its whole group) drain the server.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import signal
 import sys
@@ -32,23 +31,14 @@ class StartupError(RuntimeError):
 
 
 def install_signal_handlers() -> None:
-    """SIGTERM and SIGINT both stop the server gracefully.
+    """Until the supervisor takes over (it installs its own handlers), SIGTERM and SIGINT end the
+    start-up quietly (exit 0). SIGINT gets a handler explicitly: a process inherits an ignored
+    SIGINT from a shell that started it as a background job, and Python then leaves it ignored."""
+    def stop(signum, frame):
+        raise KeyboardInterrupt
 
-    SIGINT gets Python's handler explicitly: a process inherits an ignored SIGINT from a shell that
-    started it as a background job (`nohup python -m serving &`, CI scripts), and Python then leaves
-    it ignored, so the image's STOPSIGNAL and Ctrl-C would do nothing."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    main_pid = os.getpid()
-
-    def on_sigterm(signum, frame):
-        if os.getpid() != main_pid:  # a forked helper inherited this handler: die as usual
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTERM)
-            return
-        log.info("SIGTERM received: shutting down gracefully")
-        raise KeyboardInterrupt  # LitServer.run turns this into its graceful shutdown
-
-    signal.signal(signal.SIGTERM, on_sigterm)
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
 
 
 def prepare(config):
@@ -86,42 +76,43 @@ def serve(config) -> int:
 
     metrics_dir = prepare_multiprocess_dir()  # before prometheus_client is imported anywhere
     state_dir = Path(tempfile.mkdtemp(prefix="onnxship-workers-"))
-    server = None
     try:
         config, path, metadata, sha256, device = prepare(config)
-        from serving.server import ModelInfo, build_server
+        from serving.api import ClassifierAPI
+        from serving.app import ModelInfo
+        from serving.handoff import SharedState
+        from serving.runtime import visible_gpu_count
+        from serving.supervisor import Supervisor, bind, worker_devices
 
         info = ModelInfo(config, path, metadata, sha256, device, state_dir)
+        devices = worker_devices(device, config.workers, visible_gpu_count() if device == "cuda" else 0)
+        api = ClassifierAPI(path, device=device, intra_op_threads=config.intra_op_threads, tensorrt=config.tensorrt,
+                            max_batch_size=config.max_batch_size, batch_timeout=config.batch_timeout,
+                            state_dir=state_dir,
+                            allow_spinning={"on": True, "off": False}.get(config.ort_spinning))
+        size = metadata.input_size
+        state = SharedState(config.api_servers, -(-config.max_queued_images // config.api_servers), len(devices),
+                            (size, size, 3))
+        try:
+            sock = bind(config.host, config.port)
+        except OSError as error:
+            raise StartupError(f"cannot listen on {config.host}:{config.port}: {error.strerror or error}") from None
         if config.no_auth:
             log.warning(NO_AUTH_BANNER)
         log.info(
             "serving %s (%s, sha256 %s) on %s:%d: device %s, %d worker(s), %d intra-op thread(s) each, "
-            "max batch %d, batch timeout %.3fs, auth %s",
-            path.name, metadata.arch, sha256[:12], config.host, config.port, device, config.workers,
-            config.intra_op_threads or 0, config.max_batch_size, config.batch_timeout,
-            "off" if config.no_auth else "API key",
+            "max batch %d, batch timeout %.3fs, %d HTTP process(es), admission bound %d images, "
+            "request timeout %gs, auth %s",
+            path.name, metadata.arch, sha256[:12], config.host, config.port, device, len(devices),
+            config.intra_op_threads or 0, config.max_batch_size, config.batch_timeout, config.api_servers,
+            state.total_slots, config.request_timeout, "off" if config.no_auth else "API key",
         )
-        server = build_server(config, info)
-        server.run(
-            host=config.host,
-            port=config.port,
-            num_api_servers=config.api_servers,
-            log_level=config.log_level,
-            generate_client_file=False,
-            access_log=False,
-        )
-        return 0
+        return Supervisor(config, info, api, state, devices).run(sock)
     except StartupError as error:
         log.error("cannot start: %s", error)
         return 2
-    except KeyboardInterrupt:  # a signal before LitServe's own handling was in place
-        for worker in getattr(server, "inference_workers", None) or []:
-            if worker.is_alive():
-                worker.terminate()
+    except KeyboardInterrupt:  # a stop signal during start-up: nothing to drain yet
         return 0
-    except RuntimeError as error:  # e.g. LitServe: "One or more workers failed to start"
-        log.error("cannot start: %s", error)
-        return 1
     finally:
         shutil.rmtree(state_dir, ignore_errors=True)
         remove_multiprocess_dir(metrics_dir)

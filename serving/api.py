@@ -1,14 +1,16 @@
 """The LitAPI: the model-specific part of the server, and nothing else.
 
-    setup            load the artifact into an ONNX Runtime session (one copy per worker)
-    decode_request   nothing left to do: the HTTP process already validated and decoded the
-                     images (serving/server.py), so a bad upload never reaches a batch
-    batch            concatenate the images of every request in the batch
-    predict          one ONNX Runtime call for the whole batch
-    unbatch          split the probabilities back per request, formatted for its mode
-    encode_response  the per-image results (the HTTP process adds processing_time)
+    setup            load the artifact into an ONNX Runtime session (one copy per worker), warm it up
+    decode_request   nothing left to do: the HTTP process already validated and decoded the images
+                     into shared memory (serving/handoff.py), so a bad upload never reaches a batch
+    batch            the requests of the batch, as they are
+    predict          one ONNX Runtime call for every image of the batch (one copy out of the slot
+                     pool), then per request the best class or the k best: class ids + confidences
+    unbatch          one result per request
+    encode_response  ids, confidences and timings (the HTTP process adds labels and formats JSON,
+                     so the worker's CPU goes to inference)
 
-One class serves /predict, /predict/top and multi-image requests: each payload says what it
+One class serves /predict, /predict/top and multi-image requests: each request says what it
 wants (`mode`, `k`), so all of them share one model copy and one batch queue per worker.
 """
 
@@ -18,34 +20,43 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import litserve as ls
 import numpy as np
 
-from serving.batching import GreedyBatchLoop
+from serving.batching import EncodedAnswer, GreedyBatchLoop, InferenceRequest
+from serving.litserve_bridge import freeze_hook_signatures
 from serving.metrics import metrics
 from serving.runtime import Classifier, top_k
 
 log = logging.getLogger(__name__)
 
-MODES = ("class", "top")
+__all__ = ["ClassifierAPI", "InferenceRequest", "gather", "best_classes"]
 
 
-@dataclass(frozen=True)
-class InferenceRequest:
-    """What the HTTP process puts on the batch queue: decoded images and the answer wanted."""
-
-    images: np.ndarray  # uint8 [n, H, W, 3]
-    mode: str = "class"  # "class": best class; "top": the k best
-    k: int = 1
-
-    @property
-    def count(self) -> int:
-        return int(self.images.shape[0])
+def gather(requests: list[InferenceRequest]) -> np.ndarray:
+    """All images of the batch in one uint8 array: one copy out of shared memory."""
+    if len(requests) == 1:
+        return requests[0].images
+    if all(r.pool is not None and r._images is None for r in requests):
+        slots = [slot for r in requests for slot in r.slots]
+        return requests[0].pool[slots]
+    return np.concatenate([r.images for r in requests])
 
 
+def best_classes(rows: np.ndarray, mode: str, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Class ids and confidences, [n, k] each ([n, 1] for mode "class"), most likely first."""
+    if mode != "top":
+        ids = rows.argmax(axis=1)[:, None]
+        return ids.astype(np.int32), np.take_along_axis(rows, ids, axis=1).astype(np.float32)
+    pairs = [top_k(row, k) for row in rows]
+    ids = np.array([[c for c, _ in p] for p in pairs], np.int32)
+    confidences = np.array([[p for _, p in pair] for pair in pairs], np.float32)
+    return ids, confidences
+
+
+@freeze_hook_signatures
 class ClassifierAPI(ls.LitAPI):
     def __init__(
         self,
@@ -56,6 +67,7 @@ class ClassifierAPI(ls.LitAPI):
         max_batch_size: int = 4,
         batch_timeout: float = 0.0,
         state_dir: str | Path | None = None,
+        allow_spinning: bool | None = None,
     ):
         super().__init__(
             max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path="/predict", loop=GreedyBatchLoop()
@@ -64,6 +76,7 @@ class ClassifierAPI(ls.LitAPI):
         self.requested_device = device
         self.intra_op_threads = intra_op_threads
         self.tensorrt = tensorrt
+        self.allow_spinning = allow_spinning
         self.state_dir = str(state_dir) if state_dir else None
         self.classifier: Classifier | None = None
 
@@ -75,9 +88,11 @@ class ClassifierAPI(ls.LitAPI):
             intra_op_threads=self.intra_op_threads,
             device_id=device_id,
             tensorrt=self.tensorrt,
+            allow_spinning=self.allow_spinning,
         )
         size = self.classifier.metadata.input_size
-        self.classifier.predict(np.zeros((1, size, size, 3), np.uint8))  # warm up before reporting ready
+        for batch in sorted({1, self.max_batch_size}):  # warm up before reporting ready
+            self.classifier.predict(np.zeros((batch, size, size, 3), np.uint8))
         self._report_worker(device)
 
     def _report_worker(self, litserve_device: str) -> None:
@@ -98,34 +113,26 @@ class ClassifierAPI(ls.LitAPI):
     def batch(self, inputs: list[InferenceRequest]) -> list[InferenceRequest]:
         return inputs
 
-    def predict(self, requests: list[InferenceRequest]) -> list[list[dict]]:
-        images = requests[0].images if len(requests) == 1 else np.concatenate([r.images for r in requests])
+    def predict(self, requests: list[InferenceRequest]) -> list[EncodedAnswer]:
+        images = gather(requests)
         start = time.perf_counter()
         probabilities = self.classifier.predict(images)
+        infer = time.perf_counter() - start
         m = metrics()
-        m.inference_duration.observe(time.perf_counter() - start)
+        m.inference_duration.observe(infer)
         m.batch_size.observe(images.shape[0])
-        labels = self.classifier.labels
-        results, offset = [], 0
+        results, offset, now = [], 0, time.monotonic()
         for request in requests:
-            rows = probabilities[offset : offset + request.count]
+            rows = probabilities[offset: offset + request.count]
             offset += request.count
-            if request.mode == "top":
-                results.append([
-                    {"predictions": [{"class_id": c, "confidence": p, "label": labels[c]}
-                                     for c, p in top_k(row, request.k)]}
-                    for row in rows
-                ])
-            else:
-                best = rows.argmax(axis=1)
-                results.append([
-                    {"class_id": int(c), "confidence": float(row[c]), "label": labels[int(c)]}
-                    for c, row in zip(best, rows)
-                ])
+            ids, confidences = best_classes(rows, request.mode, request.k)
+            m.queue_wait.observe(request.queue_wait)
+            results.append(EncodedAnswer(ids, confidences, int(images.shape[0]), request.queue_wait, infer,
+                                         now - request.picked_at if request.picked_at else 0.0))
         return results
 
-    def unbatch(self, output: list[list[dict]]) -> list[list[dict]]:
+    def unbatch(self, output: list[EncodedAnswer]) -> list[EncodedAnswer]:
         return output
 
-    def encode_response(self, output: list[dict]) -> list[dict]:
+    def encode_response(self, output: EncodedAnswer) -> EncodedAnswer:
         return output

@@ -49,7 +49,10 @@ class ApiKeyAuth:
     def __repr__(self) -> str:  # never show the key
         return f"ApiKeyAuth(enabled={self.enabled})"
 
-    def __call__(self, request: Request) -> None:
+    async def __call__(self, request: Request) -> None:  # async: FastAPI would run a plain def in a thread
+        self.check(request)
+
+    def check(self, request: Request) -> None:
         if self._key is None:
             return
         keys = presented_keys(request)

@@ -1,56 +1,120 @@
-"""Dynamic batching for the inference workers: block for the first request, then take what else
-arrives within `batch_timeout`, up to `max_batch_size` images.
+"""Batch collection in the inference workers: block for the first request, then take what else
+arrives within `batch_timeout`, up to `max_batch_size` images (a 32-image request is one batch).
 
-LitServe 0.2.19's built-in batched loop polls its request queue without blocking (timeout 0) or
-in 1 ms slices (timeout > 0), so an idle worker spins on the queue and keeps a core busy; on a
-2-core machine that core is the one the HTTP processes need for decoding. It also counts
-requests, while one of our requests may carry several images. This loop reuses LitServe's
-worker loop (`BatchedLoop.run_batched_loop`: predict, unbatch, encode, per-request responses)
-and replaces only how a batch is collected.
+Each descriptor is checked before any inference work: a stale one (its slot was reallocated: the
+message of a dead HTTP process) is skipped; one whose client is gone or whose deadline passed is
+answered "dropped" at once, so an overloaded server never computes for nobody. The worker writes
+its id into the request's `taken` slot entry first, so that if this process dies the supervisor's
+notice fails exactly the requests it held. Everything after collection (predict, unbatch, encode,
+one answer per request) is LitServe's BatchedLoop (serving/litserve_bridge.py).
 """
 
 from __future__ import annotations
 
 import time
-from queue import Empty
 
-from litserve.loops.base import _SENTINEL_VALUE, _StopLoopError
-from litserve.loops.simple_loops import BatchedLoop
-from litserve.utils import LitAPIStatus, LoopResponseType
+from serving.handoff import DROPPED, MODE_STOP, MODE_TOP, Descriptor, answer_records
+from serving.litserve_bridge import AnswerTransport, BatchCollector, StopWorker
+from serving.metrics import metrics
 
-IDLE_WAIT_S = 1.0  # a blocked worker wakes this often (for timeouts); costs nothing while idle
-
-
-def payload_size(payload) -> int:
-    """Images a request payload carries (1 for anything that does not say)."""
-    return int(getattr(payload, "count", 1) or 1)
+IDLE_WAIT_S = 1.0  # a blocked worker wakes this often (to notice a dead supervisor); costs nothing while idle
 
 
-class GreedyBatchLoop(BatchedLoop):
-    def get_batch_requests(self, lit_api, request_queue, transport):
-        payloads, timed_out = [], []
-        try:
-            item = request_queue.get(timeout=IDLE_WAIT_S)
-        except Empty:
-            return payloads, timed_out
+class InferenceRequest:
+    """One request's images (rows of the shared slot pool, or an array) and the answer it wants."""
+
+    __slots__ = ("slots", "pool", "_images", "mode", "k", "queue_wait", "picked_at")
+
+    def __init__(self, images=None, mode: str = "class", k: int = 1, slots=(), pool=None, queue_wait: float = 0.0,
+                 picked_at: float = 0.0):
+        self._images, self.slots, self.pool = images, tuple(slots), pool
+        self.mode, self.k, self.queue_wait, self.picked_at = mode, k, queue_wait, picked_at
+
+    @property
+    def images(self):
+        if self._images is None:
+            self._images = self.pool[list(self.slots)]
+        return self._images
+
+    @property
+    def count(self) -> int:
+        return len(self.slots) if self._images is None else int(self._images.shape[0])
+
+
+class EncodedAnswer:
+    """A request's result as sent back: class ids and confidences, [n, k] each, plus timings."""
+
+    __slots__ = ("ids", "confidences", "batch", "queue_wait", "infer", "span")
+
+    def __init__(self, ids, confidences, batch: int, queue_wait: float, infer: float, span: float):
+        self.ids, self.confidences = ids, confidences
+        self.batch, self.queue_wait, self.infer, self.span = batch, queue_wait, infer, span
+
+
+class Answers(AnswerTransport):
+    """LitServe's transport for answers: one record (or a few fragments) on the HTTP process's socket."""
+
+    def __init__(self, side):
+        self.side = side
+
+    def __reduce__(self):
+        return (Answers, (self.side,))
+
+    def deliver(self, consumer_id: int, uid, ok: bool, data, worker_id) -> None:
+        req_id, seq = uid
+        worker = int(worker_id or 0)
+        if ok:
+            n, k = data.ids.shape
+            payload = data.ids.astype("<i4").tobytes() + data.confidences.astype("<f4").tobytes()
+            records = answer_records(req_id, seq, 0, worker, k, n, payload, data.batch, data.queue_wait, data.infer,
+                                     data.span)
+        else:
+            records = answer_records(req_id, seq, 1, worker, 0, 0, str(data).encode("utf-8", "replace")[:2000])
+        self.side.answer(consumer_id, records)
+
+    def dropped(self, descriptor: Descriptor, worker: int) -> None:
+        self.side.answer(descriptor.server, answer_records(descriptor.req_id, descriptor.seq, DROPPED, worker, 0, 0))
+
+
+class GreedyBatchLoop(BatchCollector):
+    def __init__(self):
+        super().__init__()
+        self.stopping = False
+
+    def collect(self, lit_api, inbox, transport) -> list:
+        if self.stopping:
+            raise StopWorker()
+        item = inbox.receive(IDLE_WAIT_S)
+        if item is None:
+            if inbox.parent_gone():  # the supervisor was killed: do not outlive it
+                raise StopWorker()
+            return []
+        worker = self.worker_id or 0
+        payloads, images = [], 0
         deadline = time.monotonic() + lit_api.batch_timeout
-        apply_timeout = lit_api.request_timeout not in (-1, False, None)
-        images = 0
-        while True:
-            if item == _SENTINEL_VALUE:
-                raise _StopLoopError()
-            response_queue_id, uid, timestamp, payload = item
-            self.put_response(transport, response_queue_id, uid, (), LitAPIStatus.START, LoopResponseType.REGULAR)
-            if apply_timeout and time.monotonic() - timestamp > lit_api.request_timeout:
-                timed_out.append((response_queue_id, uid))
-            else:
-                payloads.append((response_queue_id, uid, payload))
-                images += payload_size(payload)
-            if images >= lit_api.max_batch_size:
+        while item is not None:
+            if item.mode == MODE_STOP:
+                self.stopping = True
                 break
-            remaining = deadline - time.monotonic()
-            try:
-                item = request_queue.get(timeout=remaining) if remaining > 0 else request_queue.get_nowait()
-            except Empty:
-                break
-        return payloads, timed_out
+            request = self.admit(item, inbox, transport, worker)
+            if request is not None:
+                payloads.append((item.server, (item.req_id, item.seq), request))
+                images += request.count
+                if images >= lit_api.max_batch_size:
+                    break
+            item = inbox.receive(max(0.0, deadline - time.monotonic()))
+        return payloads
+
+    @staticmethod
+    def admit(item: Descriptor, inbox, transport: Answers, worker: int) -> InferenceRequest | None:
+        slot = item.slots[0]
+        if inbox.slot_seq[slot] != item.seq:
+            return None  # reallocated since: a message of a process that is gone
+        inbox.slot_taken[slot] = worker
+        now = time.monotonic()
+        if inbox.slot_cancel[slot] or now > item.deadline:
+            metrics().dropped.labels(reason="disconnected" if inbox.slot_cancel[slot] else "deadline").inc()
+            transport.dropped(item, worker)
+            return None
+        return InferenceRequest(mode="top" if item.mode == MODE_TOP else "class", k=item.k, slots=item.slots,
+                                pool=inbox.images, queue_wait=now - item.sent_at, picked_at=now)

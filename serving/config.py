@@ -16,12 +16,22 @@ from serving.runtime import DEVICES, cpu_count
 DEFAULT_PORT = 8192  # the seed's port
 DEFAULT_MAX_PAYLOAD_BYTES = 20 * 1024 * 1024
 DEFAULT_MAX_IMAGES_PER_REQUEST = 32
+# Per image and per request, in pixels really decoded (JPEGs after DCT scaling): a 6000x4000
+# camera PNG still classifies, while one request cannot buy more than ~0.7 s of decoding CPU.
+DEFAULT_MAX_IMAGE_PIXELS = 24_000_000
+DEFAULT_MAX_REQUEST_PIXELS = 64_000_000
+# Admission bound: images queued or in flight = workers x max batch x QUEUE_BATCHES, i.e. the
+# queueing time allowed in front of each worker, counted in batches (README, "Failure model").
+QUEUE_BATCHES = 8
 
 # Tuned on a 2-core CPU (README.md, "Serving", "CPU tuning"): one worker per core, each ORT
 # session with twice its share of the cores (a lone request gets two cores; under full load the
 # 2x oversubscription measured no loss), small greedy batches (batching barely helps a CPU).
 CPU_DEFAULTS = {"max_batch_size": 4, "batch_timeout": 0.0}
 GPU_DEFAULTS = {"workers": 1, "max_batch_size": 32, "batch_timeout": 0.005}
+# Inference workers' niceness on CPU: +5 (HTTP processes first) measured no better rejection latency
+# than the machine's noise on the 2-core machine, and less goodput (README, "Failure model").
+CPU_WORKER_NICE = 0
 
 ENV = {  # field -> environment variable
     "model": "ONNXSHIP_MODEL",
@@ -43,6 +53,18 @@ ENV = {  # field -> environment variable
     "model_version": "ONNXSHIP_MODEL_VERSION",
     "model_run_id": "ONNXSHIP_MODEL_RUN_ID",
     "log_level": "ONNXSHIP_LOG_LEVEL",
+    "request_timeout": "ONNXSHIP_REQUEST_TIMEOUT",
+    "max_queued_images": "ONNXSHIP_MAX_QUEUED_IMAGES",
+    "drain_timeout": "ONNXSHIP_DRAIN_TIMEOUT",
+    "drain_grace": "ONNXSHIP_DRAIN_GRACE",
+    "header_timeout": "ONNXSHIP_HEADER_TIMEOUT",
+    "body_timeout": "ONNXSHIP_BODY_TIMEOUT",
+    "max_image_pixels": "ONNXSHIP_MAX_IMAGE_PIXELS",
+    "max_request_pixels": "ONNXSHIP_MAX_REQUEST_PIXELS",
+    "docs": "ONNXSHIP_DOCS",
+    "max_queue_wait": "ONNXSHIP_MAX_QUEUE_WAIT",
+    "worker_nice": "ONNXSHIP_WORKER_NICE",
+    "ort_spinning": "ONNXSHIP_ORT_SPINNING",
 }
 ENV_ALIASES = {"expected_sha256": ("MODEL_SHA256",)}
 
@@ -77,20 +99,42 @@ class ServerConfig:
     model_version: str | None = None
     model_run_id: str | None = None
     log_level: str = "info"
+    request_timeout: float = 30.0
+    max_queued_images: int | None = None
+    drain_timeout: float = 20.0
+    drain_grace: float = 1.0
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS
+    docs: bool = False
+    max_queue_wait: float = 1.0
+    worker_nice: int | None = None
+    ort_spinning: str = "auto"
 
     def validate(self) -> ServerConfig:
         if not self.model:
             raise ConfigError("no model: pass --model PATH|models:/name@alias or set ONNXSHIP_MODEL")
+        if self.ort_spinning not in ("auto", "on", "off"):
+            raise ConfigError(f"--ort-spinning {self.ort_spinning!r}: expected auto, on or off")
         if self.device not in DEVICES:
             raise ConfigError(f"--device {self.device!r}: expected one of {', '.join(DEVICES)}")
         if not 1 <= self.port <= 65535:
             raise ConfigError(f"--port {self.port}: expected 1..65535")
-        for name in ("workers", "max_batch_size", "intra_op_threads", "api_servers"):
+        for name in ("workers", "max_batch_size", "intra_op_threads", "api_servers", "max_queued_images"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} {value}: must be >= 1 ({ENV[name]})")
         if self.batch_timeout is not None and self.batch_timeout < 0:
             raise ConfigError(f"--batch-timeout {self.batch_timeout}: must be >= 0 seconds")
+        for name in ("request_timeout", "drain_timeout", "header_timeout", "body_timeout", "max_queue_wait"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be > 0 seconds ({ENV[name]})")
+        if self.drain_grace < 0 or self.drain_grace >= self.drain_timeout:
+            raise ConfigError(f"--drain-grace {self.drain_grace}: must be >= 0 and below --drain-timeout "
+                              f"{self.drain_timeout}")
+        if self.max_image_pixels < 1 or self.max_request_pixels < self.max_image_pixels:
+            raise ConfigError("--max-request-pixels must be >= --max-image-pixels >= 1")
         if self.max_payload_bytes < 1024:
             raise ConfigError(f"--max-payload-bytes {self.max_payload_bytes}: must be at least 1024")
         if not self.no_auth and not self.api_key:
@@ -110,13 +154,19 @@ class ServerConfig:
         threads = self.intra_op_threads
         if threads is None and device == "cpu":
             threads = cpu_threads_per_worker(cpu_count(), workers)
+        max_batch_size = self.max_batch_size or defaults["max_batch_size"]
+        worker_nice = self.worker_nice if self.worker_nice is not None else (0 if device == "cuda" else CPU_WORKER_NICE)
+        api_servers = self.api_servers or workers
         return replace(
             self,
             workers=workers,
-            max_batch_size=self.max_batch_size or defaults["max_batch_size"],
+            max_batch_size=max_batch_size,
             batch_timeout=defaults["batch_timeout"] if self.batch_timeout is None else self.batch_timeout,
             intra_op_threads=threads,
-            api_servers=self.api_servers or workers,
+            api_servers=api_servers,
+            max_queued_images=admission_bound(workers, max_batch_size, api_servers, self.max_images_per_request,
+                                              self.max_queued_images),
+            worker_nice=worker_nice,
         )
 
     def public(self) -> dict:
@@ -124,6 +174,14 @@ class ServerConfig:
         data = asdict(self)
         data.pop("api_key")
         return data
+
+
+def admission_bound(workers: int, max_batch_size: int, api_servers: int, max_images_per_request: int,
+                    requested: int | None = None) -> int:
+    """Images the server accepts queued or in flight: `requested`, else workers x max batch x
+    QUEUE_BATCHES; at least one full request per HTTP process (each holds an equal share)."""
+    bound = requested or workers * max_batch_size * QUEUE_BATCHES
+    return max(bound, api_servers * max_images_per_request)
 
 
 def _parse_bool(value: str) -> bool:
@@ -135,7 +193,10 @@ def from_env(environ: dict | None = None) -> dict:
     environ = os.environ if environ is None else environ
     types = {"port": int, "workers": int, "max_batch_size": int, "intra_op_threads": int, "api_servers": int,
              "batch_timeout": float, "max_payload_bytes": int, "max_images_per_request": int,
-             "no_auth": _parse_bool, "tensorrt": _parse_bool}
+             "no_auth": _parse_bool, "tensorrt": _parse_bool, "docs": _parse_bool, "max_queued_images": int,
+             "request_timeout": float, "drain_timeout": float, "drain_grace": float, "header_timeout": float,
+             "body_timeout": float, "max_image_pixels": int, "max_request_pixels": int, "max_queue_wait": float,
+             "worker_nice": int}
     found = {}
     for name, variable in ENV.items():
         for candidate in (variable, *ENV_ALIASES.get(name, ())):
@@ -181,6 +242,30 @@ def build_parser() -> argparse.ArgumentParser:
     add("--model-version", help="registry version shown by GET /model [ONNXSHIP_MODEL_VERSION]")
     add("--model-run-id", help="MLflow run id shown by GET /model [ONNXSHIP_MODEL_RUN_ID]")
     add("--log-level", choices=("critical", "error", "warning", "info", "debug"), help="[ONNXSHIP_LOG_LEVEL]")
+    add("--request-timeout", type=float, help="seconds a prediction may take from arrival to answer; past it the "
+        "client gets 504 and the work is dropped before inference (default 30) [ONNXSHIP_REQUEST_TIMEOUT]")
+    add("--max-queued-images", type=int, help=f"admission bound: images queued or in flight before new requests "
+        f"get 503 + Retry-After (default workers x max batch x {QUEUE_BATCHES}) [ONNXSHIP_MAX_QUEUED_IMAGES]")
+    add("--drain-timeout", type=float, help="on SIGTERM/SIGINT, seconds to finish accepted requests before exiting "
+        "(default 20; keep it below the platform's grace period) [ONNXSHIP_DRAIN_TIMEOUT]")
+    add("--drain-grace", type=float, help="on SIGTERM/SIGINT, seconds /ready answers 503 while connections are "
+        "still accepted (default 1) [ONNXSHIP_DRAIN_GRACE]")
+    add("--header-timeout", type=float, help="seconds a connection may take to send complete request headers "
+        "(default 10) [ONNXSHIP_HEADER_TIMEOUT]")
+    add("--body-timeout", type=float, help="seconds a request body may take to arrive, else 408 (default 30) "
+        "[ONNXSHIP_BODY_TIMEOUT]")
+    add("--max-image-pixels", type=int, help=f"most pixels decoded per image, JPEGs after DCT scaling (default "
+        f"{DEFAULT_MAX_IMAGE_PIXELS:,}) [ONNXSHIP_MAX_IMAGE_PIXELS]")
+    add("--max-request-pixels", type=int, help=f"most pixels decoded per request, all images together (default "
+        f"{DEFAULT_MAX_REQUEST_PIXELS:,}) [ONNXSHIP_MAX_REQUEST_PIXELS]")
+    add("--max-queue-wait", type=float, help="allowed queueing time in front of the workers: the admission bound "
+        "shrinks while requests wait longer (default 1) [ONNXSHIP_MAX_QUEUE_WAIT]")
+    add("--worker-nice", type=int, help="niceness added to the inference workers, e.g. 5 so that decoding, "
+        "rejections and /health go first when the cores are full (default 0) [ONNXSHIP_WORKER_NICE]")
+    add("--ort-spinning", choices=("auto", "on", "off"), help="ONNX Runtime threads spin while waiting for work: "
+        "auto = off on CPU (they would take the cores decoding needs), on with CUDA [ONNXSHIP_ORT_SPINNING]")
+    add("--docs", action="store_true", default=None, help="serve the API docs (/docs, /openapi.json); off by "
+        "default [ONNXSHIP_DOCS]")
     return parser
 
 

@@ -62,29 +62,58 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_to: in
 
     `draft_to` lets JPEG decoding skip detail that resizing would throw away (DCT scaling): the
     decoded image keeps both sides >= draft_to, so the resize that follows sees enough pixels.
+    `max_pixels` applies to the size the file declares.
     """
+    return finish_decode(open_image(data, max_pixels, draft_to), len(data))
+
+
+def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_to: int | None = None,
+               limit_decoded: bool = False) -> Image.Image:
+    """Read the header (no pixels yet) and plan JPEG DCT scaling; `.size` is then what decoding
+    will produce. `max_pixels` applies to the declared size, or with `limit_decoded` to the size
+    decoding will really produce (a 48 MP JPEG scaled by 1/8 costs 0.75 MP), which is what the
+    server charges against its per-image and per-request pixel limits."""
     if not data:
         raise ImageError("empty image: the body or file has 0 bytes")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
-            refuse_oversized(image, max_pixels)
+            if not limit_decoded:
+                refuse_oversized(image, max_pixels)
             if draft_to is not None and image.format == "JPEG":
                 image.draft(None, (draft_to, draft_to))
-            image.load()
+            if limit_decoded:
+                refuse_oversized(image, max_pixels)
     except ImageError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise ImageError(f"image refused as a decompression bomb: {error}") from None
-    except UnidentifiedImageError:
-        raise ImageError(
-            f"not an image: the {len(data)} bytes are in no format Pillow can read "
-            "(send JPEG, PNG, WebP, GIF, BMP or TIFF)"
-        ) from None
-    except (OSError, SyntaxError, ValueError) as error:
-        raise ImageError(f"image data is truncated or corrupt: {error}") from None
+    except Exception as error:  # noqa: BLE001 - translated to one of the documented messages
+        raise _decode_error(error, len(data)) from None
+    return image
+
+
+def finish_decode(image: Image.Image, size_in_bytes: int = 0) -> Image.Image:
+    """Decode the pixels of an image from `open_image`: upright, RGB."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image.load()
+    except Exception as error:  # noqa: BLE001
+        raise _decode_error(error, size_in_bytes) from None
     return to_rgb(upright(image))
+
+
+def _decode_error(error: Exception, size_in_bytes: int) -> Exception:
+    if isinstance(error, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return ImageError(f"image refused as a decompression bomb: {error}")
+    if isinstance(error, UnidentifiedImageError):
+        return ImageError(
+            f"not an image: the {size_in_bytes} bytes are in no format Pillow can read "
+            "(send JPEG, PNG, WebP, GIF, BMP or TIFF)"
+        )
+    if isinstance(error, (OSError, SyntaxError, ValueError)):
+        return ImageError(f"image data is truncated or corrupt: {error}")
+    return error
 
 
 def refuse_oversized(image: Image.Image, max_pixels: int) -> None:

@@ -13,6 +13,18 @@ Metrics:
   onnxship_decode_duration_seconds                histogram  decode + resize per image
   onnxship_batch_size                             histogram  images per ONNX Runtime call
   onnxship_inference_duration_seconds             histogram  one ONNX Runtime call
+  onnxship_queue_wait_seconds                     histogram  hand-off to a worker -> picked up
+  onnxship_handoff_seconds                        histogram  per request: round trip to the worker
+                                                             minus queue wait minus inference
+  onnxship_queued_images                          gauge      images admitted, not yet answered
+  onnxship_admission_limit_images                 gauge      the admission bound now (adapts to the
+                                                             allowed queueing time)
+  onnxship_shed_total{reason}                     counter    503 before any work: queue_full |
+                                                             no_worker | draining
+  onnxship_dropped_total{reason}                  counter    admitted, never computed: deadline |
+                                                             disconnected | worker_died
+  onnxship_client_disconnects_total{stage}        counter    client gone: upload | waiting
+  onnxship_process_restarts_total{kind}           counter    worker | http (by the supervisor)
 """
 
 from __future__ import annotations
@@ -21,10 +33,12 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+FINE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128)
 TRACKED_ENDPOINTS = ("/predict", "/predict/top", "/model", "/health", "/ready", "/metrics")
 
@@ -50,7 +64,7 @@ def remove_multiprocess_dir(directory: Path) -> None:
 
 class Metrics:
     def __init__(self):
-        from prometheus_client import Counter, Histogram
+        from prometheus_client import Counter, Gauge, Histogram
 
         self.requests = Counter("onnxship_requests", "HTTP requests by endpoint and status", ["endpoint", "status"])
         self.request_duration = Histogram(
@@ -64,6 +78,17 @@ class Metrics:
         self.inference_duration = Histogram(
             "onnxship_inference_duration_seconds", "Time of one ONNX Runtime call", buckets=LATENCY_BUCKETS
         )
+        self.queue_wait = Histogram("onnxship_queue_wait_seconds", "From hand-off to a worker until it picks the "
+                                    "request up", buckets=FINE_BUCKETS)
+        self.handoff = Histogram("onnxship_handoff_seconds", "Per request: round trip to the worker minus queue "
+                                 "wait minus inference", buckets=FINE_BUCKETS)
+        self.queued = Gauge("onnxship_queued_images", "Images admitted and not yet answered", multiprocess_mode="livesum")
+        self.admission_limit = Gauge("onnxship_admission_limit_images", "Images the server admits at most now "
+                                     "(adapted to --max-queue-wait)", multiprocess_mode="livesum")
+        self.shed = Counter("onnxship_shed", "Requests refused with 503 before any work", ["reason"])
+        self.dropped = Counter("onnxship_dropped", "Admitted requests never computed", ["reason"])
+        self.disconnects = Counter("onnxship_client_disconnects", "Clients gone before their answer", ["stage"])
+        self.restarts = Counter("onnxship_process_restarts", "Processes respawned by the supervisor", ["kind"])
 
 
 _metrics: Metrics | None = None
@@ -103,25 +128,37 @@ class MetricsMiddleware:
 
     def __init__(self, app):
         self.app = app
+        self.children: dict = {}  # (endpoint, status) -> (counter, histogram): labels() costs ~10 us
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        import time
-
         start = time.perf_counter()
-        status = {"code": 500}
+        status = 500
 
         async def send_wrapper(message):
+            nonlocal status
             if message["type"] == "http.response.start":
-                status["code"] = message["status"]
+                status = message["status"]
             await send(message)
 
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            endpoint = endpoint_label(scope.get("path", ""))
-            m = metrics()
-            m.requests.labels(endpoint=endpoint, status=str(status["code"])).inc()
-            m.request_duration.labels(endpoint=endpoint).observe(time.perf_counter() - start)
+            key = (endpoint_label(scope.get("path", "")), status)
+            children = self.children.get(key)
+            if children is None:
+                m = metrics()
+                children = self.children[key] = (m.requests.labels(endpoint=key[0], status=str(status)),
+                                                 m.request_duration.labels(endpoint=key[0]))
+            children[0].inc()
+            children[1].observe(time.perf_counter() - start)
+
+
+def mark_process_dead(pid: int) -> None:
+    """Forget a dead process's live gauges (its counters and histograms keep counting)."""
+    if os.environ.get(MULTIPROC_ENV):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid)

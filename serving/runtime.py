@@ -11,9 +11,9 @@ ONNX Runtime never raises when a GPU provider fails to load: it logs and runs on
 session's `get_providers()` is the only truth, so `Classifier.providers` reports exactly that.
 
 CPU tuning: each server worker gets its own session with `intra_op_threads` threads (server
-default: twice the worker's share of the cores, see serving/config.py), one inter-op thread, no spinning
-(spinning threads burn the cores that the HTTP processes need for decoding) and full graph
-optimisation. GPU path: the graph takes uint8 NHWC, so the host ships 1 byte per pixel channel
+default: twice the worker's share of the cores, see serving/config.py), one inter-op thread,
+spinning off on CPU (spinning threads burn the cores that the HTTP processes need for decoding;
+on CUDA it stays on: `allow_spinning`) and full graph optimisation. GPU path: the graph takes uint8 NHWC, so the host ships 1 byte per pixel channel
 instead of 4; inputs and outputs are bound with IOBinding.
 """
 
@@ -102,7 +102,7 @@ def resolve_device(device: str) -> str:
     return "cuda"
 
 
-def cpu_session_options(intra_op_threads: int | None = None):
+def cpu_session_options(intra_op_threads: int | None = None, allow_spinning: bool = False):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -110,7 +110,7 @@ def cpu_session_options(intra_op_threads: int | None = None):
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.intra_op_num_threads = intra_op_threads or cpu_count()
     options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
     options.log_severity_level = 3  # errors only; provider fallbacks are reported by us
     return options
 
@@ -135,6 +135,7 @@ class Classifier:
         device_id: int = 0,
         tensorrt: bool = False,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        allow_spinning: bool | None = None,
     ):
         import onnxruntime as ort
 
@@ -144,7 +145,10 @@ class Classifier:
         self.device = resolve_device(device)
         self.device_id = device_id
         self.max_pixels = max_pixels
-        options = cpu_session_options(intra_op_threads)
+        # spinning ORT threads answer a lone request sooner but burn the cores that decoding needs:
+        # off on CPU, on with CUDA (its few CPU threads do not compete with decoding); see README
+        self.allow_spinning = self.device == "cuda" if allow_spinning is None else bool(allow_spinning)
+        options = cpu_session_options(intra_op_threads, self.allow_spinning)
         if self.device == "cuda":
             providers: list = [(CUDA, {"device_id": device_id})]
             if tensorrt:
@@ -238,4 +242,5 @@ class Classifier:
             "requested_device": self.requested_device,
             "providers": self.providers,
             "intra_op_threads": self.intra_op_threads,
+            "allow_spinning": self.allow_spinning,
         }

@@ -36,10 +36,8 @@ from team.config import DB_USER, PG_HOST, PORT_VARIABLES, SERVICES, Config, Team
 from team.postgres import (
     RunAs, ensure_databases, init_cluster, password, pg_bin, pg_ready, start_postgres, write_pgpass,
 )
-from team.processes import (
-    group_members, http_ok, is_running, load_state, log_tail, port_in_use, postmaster_pid, running_pid,
-    save_state, wait_until,
-)
+from serving.processes import group_members, log_tail, port_in_use
+from team.processes import http_ok, is_running, load_state, postmaster_pid, running_pid, save_state, wait_until
 
 
 # ---------------------------------------------------------------- MLflow and Prefect
@@ -186,7 +184,7 @@ def up(config: Config) -> int:
             if not wait_until(lambda: pg_ready(config) or process.poll() is not None, config.start_timeout_s, 0.3) \
                     or process.poll() is not None:
                 raise TeamError(f"PostgreSQL did not start (log {config.logs / 'postgres.log'}):\n"
-                                + log_tail(config.logs / "postgres.log"))
+                                + log_tail(config.logs / "postgres.log", 25, "    "))
             say(f"postgres: running on {PG_HOST}:{config.pg_port} (pid {process.pid}, PostgreSQL {bindir.parent.name}, "
                 f"{time.monotonic() - begin:.1f} s)")
         created = ensure_databases(config)
@@ -208,7 +206,7 @@ def up(config: Config) -> int:
                 process = started[service]
                 if process.poll() is not None:
                     raise TeamError(f"{service} exited with {process.returncode} (log {config.logs / (service + '.log')}):\n"
-                                    + log_tail(config.logs / f"{service}.log"))
+                                    + log_tail(config.logs / f"{service}.log", 25, "    "))
                 if http_ok(health_url(config, service)):
                     pending.remove(service)
                     url = config.mlflow_url if service == "mlflow" else config.prefect_api_url.removesuffix("/api")
@@ -217,7 +215,7 @@ def up(config: Config) -> int:
                 service = pending[0]
                 raise TeamError(f"{service} did not answer {health_url(config, service)} within "
                                 f"{config.start_timeout_s:.0f} s (log {config.logs / (service + '.log')}):\n"
-                                + log_tail(config.logs / f"{service}.log"))
+                                + log_tail(config.logs / f"{service}.log", 25, "    "))
             if pending:
                 time.sleep(0.5)
     except BaseException:

@@ -15,17 +15,15 @@ import argparse
 import json
 import os
 import secrets
-import signal
-import socket
 import subprocess
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 from flows.deploy.base import DeployError, Endpoint, ModelVersion
 from flows.params import DEFAULT_STATE_DIR, ParameterError, ReleaseParams
 from flows.secrets import APP_KEY, secret_with_source
+from serving.processes import log_tail, pid_alive, port_in_use, process_cmdline, stop_process_group
 
 STATE_FILE = "local-server.json"
 LOG_FILE = "local-server.log"
@@ -89,27 +87,12 @@ def resolve_api_key(previous: dict | None) -> tuple[str, str]:
 # ---------------------------------------------------------------- processes
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (our own exited child) is not alive
-        status = Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0]
-        return status != "Z"
-    except (OSError, IndexError):
-        return True
-
-
 def is_our_server(pid: int) -> bool:
     """Guard against PID reuse: the process must still be `python -m serving`."""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
+    cmdline = process_cmdline(pid)
+    if not cmdline:
         return pid_alive(pid)
-    return b"serving" in cmdline and b"-m" in cmdline
+    return "serving" in cmdline and "-m" in cmdline
 
 
 def state_is_alive(state: dict) -> bool:
@@ -117,42 +100,12 @@ def state_is_alive(state: dict) -> bool:
     return pid > 0 and pid_alive(pid) and is_our_server(pid)
 
 
-def port_in_use(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return True
-    return False
-
-
 def stop_pid(pid: int, timeout_s: float = 20.0) -> bool:
-    """Stop the server (its process group: LitServe's workers too) by PID. True if it was running."""
+    """Stop the server (its process group: its workers too) by PID; it drains on SIGINT. True if it was running."""
     if not pid_alive(pid):
         return False
-    for sig, wait in ((signal.SIGINT, timeout_s * 0.5), (signal.SIGTERM, timeout_s * 0.3), (signal.SIGKILL, timeout_s * 0.2)):
-        try:
-            os.killpg(pid, sig)  # the server was started in its own session: pgid == pid
-        except ProcessLookupError:
-            break
-        except PermissionError:
-            os.kill(pid, sig)
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            if not pid_alive(pid):
-                reap(pid)
-                return True
-            reap(pid)
-            time.sleep(0.1)
+    stop_process_group(pid, timeout_s)
     return True
-
-
-def reap(pid: int) -> None:
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
 
 
 def server_command(model_path: Path, params: ReleaseParams, model: ModelVersion) -> list[str]:
@@ -191,14 +144,7 @@ def wait_ready(process: subprocess.Popen, url: str, api_key: str, timeout_s: flo
     except ClientError as error:
         if process.poll() is None:
             stop_pid(process.pid)
-        raise DeployError(f"local server not ready ({error.error}); log {log_path}:\n{tail(log_path)}") from None
-
-
-def tail(path: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
+        raise DeployError(f"local server not ready ({error.error}); log {log_path}:\n{log_tail(log_path)}") from None
 
 
 # ---------------------------------------------------------------- deploy / stop

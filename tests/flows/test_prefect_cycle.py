@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from support import stop_process_group
 
 from flows import registry
 from flows.deploy import ModelVersion, deploy
@@ -52,21 +53,6 @@ def wait_healthy(url: str, process: subprocess.Popen, timeout: float = 180.0) ->
     raise TimeoutError(f"prefect server at {url} not healthy after {timeout} s")
 
 
-def stop_group(process: subprocess.Popen, timeout: float = 20.0) -> None:
-    if process.poll() is not None:
-        return
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(timeout=timeout / 2)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
 @pytest.fixture(scope="module")
 def cycle(tmp_path_factory, free_port, repo_root):
     """A real Prefect server and the environment of a user's worker; everything stopped by PID."""
@@ -90,7 +76,7 @@ def cycle(tmp_path_factory, free_port, repo_root):
     finally:
         if read_state(tmp / "state"):
             stop_server(tmp / "state")
-        stop_group(server)
+        stop_process_group(server.pid)
         log.close()
 
 
@@ -116,7 +102,7 @@ def run_deployment(cycle: dict, name: str, params: dict, worker: bool = True) ->
         cycle["printed"].append(output)
         return watch.returncode, output
     finally:
-        stop_group(watch)
+        stop_process_group(watch.pid)
 
 
 def test_deploy_worker_run_cycle(cycle, repo_root):
@@ -204,7 +190,7 @@ def test_failing_scheduled_smoke_test_rolls_back_automatically(cycle, default_ar
         assert [run.state.type.value for run in runs] == ["COMPLETED"], runs
         assert runs[0].parameters["automatic"] is True
     finally:
-        stop_group(worker)
+        stop_process_group(worker.pid)
         worker_log.close()
         cycle["printed"].append((cycle["tmp"] / "worker.log").read_text())
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import signal
@@ -15,9 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from support import free_port
 import requests
 from PIL import Image
+from support import free_port
+
+from serving.processes import stop_process_group
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 API_KEY = "test-key-0123456789"
@@ -71,16 +74,52 @@ def wait_ready(server: RunningServer, timeout: float = 120.0) -> None:
 
 
 def stop(process: subprocess.Popen, timeout: float = 45.0, sig: int = signal.SIGTERM) -> int | None:
-    """SIGTERM (or `sig`) the server (graceful), SIGKILL its process group if it does not exit in time."""
+    """`sig` to the server's main process (a graceful drain); if it has not exited within `timeout`,
+    SIGKILL its whole process group. Returns the exit status (None: it had to be killed)."""
+    status = None
     if process.poll() is None:
         process.send_signal(sig)
         try:
-            process.wait(timeout)
+            status = process.wait(timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+            stop_process_group(process.pid, timeout=1, sig=signal.SIGKILL, reap_pid=False)
             process.wait(10)
-            return None
-    return process.returncode
+    else:
+        status = process.returncode
+    stop_process_group(process.pid, timeout=10, reap_pid=False)  # anything left of the group
+    return status
+
+
+@contextlib.contextmanager
+def running(model: Path, tmp_path: Path, *args: str, api_key: str | None = API_KEY, env: dict | None = None,
+            ready: bool = True):
+    """A server on a free port for one test, stopped (by PID) when the test ends."""
+    port = free_port()
+    log_path = tmp_path / f"server-{port}.log"
+    process = start_server(model, log_path, "--port", str(port), *args, api_key=api_key, env=env)
+    server = RunningServer(f"http://127.0.0.1:{port}", process, log_path, api_key)
+    try:
+        if ready:
+            wait_ready(server)
+        yield server
+    finally:
+        stop(process, timeout=30)
+
+
+@pytest.fixture(scope="session")
+def slow_artifact(default_artifact, tmp_path_factory) -> Path:
+    """The default artifact's null twin that spends ~0.1-0.5 s per call whatever the batch (a big
+    model's behaviour, cheap to build): holds requests in flight for the overload and drain tests."""
+    from benchmarks.null_artifact import build_null_artifact
+
+    return build_null_artifact(default_artifact, tmp_path_factory.mktemp("slow") / "slow.onnx", work=1536)
+
+
+@pytest.fixture(scope="session")
+def null_artifact(default_artifact, tmp_path_factory) -> Path:
+    from benchmarks.null_artifact import build_null_artifact
+
+    return build_null_artifact(default_artifact, tmp_path_factory.mktemp("null") / "null.onnx")
 
 
 @pytest.fixture(scope="session")
@@ -90,7 +129,8 @@ def server(default_artifact, tmp_path_factory) -> RunningServer:
     log_path = tmp_path_factory.mktemp("server") / "server.log"
     process = start_server(default_artifact, log_path, "--port", str(port), "--workers", "2",
                            "--max-batch-size", "8", "--batch-timeout", "0.05", "--max-payload-bytes", "2000000",
-                           "--model-name", "onnxship-test", "--model-version", "7", "--model-run-id", "run123")
+                           "--model-name", "onnxship-test", "--model-version", "7", "--model-run-id", "run123",
+                           "--header-timeout", "2", "--body-timeout", "2")
     running = RunningServer(f"http://127.0.0.1:{port}", process, log_path, API_KEY)
     try:
         wait_ready(running)

@@ -67,7 +67,7 @@ def test_health_and_ready_need_no_key(server):
     assert requests.get(f"{server.url}/health", timeout=10).json() == {"status": "ok"}
     ready = requests.get(f"{server.url}/ready", timeout=10)
     assert ready.status_code == 200
-    assert ready.json() == {"ready": True, "workers": {"predict_0": "ready", "predict_1": "ready"}}
+    assert ready.json() == {"ready": True, "status": "ready", "workers": {"predict_0": "ready", "predict_1": "ready"}}
 
 
 def test_predict_multipart_matches_the_seed(server, images_dir, expected):
@@ -247,3 +247,19 @@ def test_metrics_count_requests_decodes_and_inference(server, jpeg_bytes):
     assert re.search(r'onnxship_requests_total\{endpoint="/predict",status="400"\} [1-9]', text)
     assert re.search(r'onnxship_images_decoded_total\{outcome="rejected"\} [1-9]', text)
     assert json.dumps(API_KEY) not in text
+
+
+def test_reference_images_classify_exactly_as_in_process(server, images_dir, default_artifact):
+    """The hand-off changes nothing: every reference image gets the same top-5 classes, in the same
+    order, as serving.runtime.Classifier on the same bytes."""
+    from serving.runtime import Classifier, top_k
+
+    classifier = Classifier(default_artifact, device="cpu", intra_op_threads=1)
+    for path in sorted(images_dir.iterdir()):
+        if path.suffix.lower() not in (".png", ".jpg", ".jpeg"):
+            continue
+        data = path.read_bytes()
+        expected = top_k(classifier.predict(classifier.load_input(data))[0], 5)
+        body = post(server, "/predict/top", params={"k": 5}, files=files(data, path.name)).json()
+        assert [p["class_id"] for p in body["predictions"]] == [c for c, _ in expected], path.name
+        assert [p["confidence"] for p in body["predictions"]] == pytest.approx([p for _, p in expected], abs=1e-5)

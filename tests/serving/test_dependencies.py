@@ -27,3 +27,14 @@ def test_server_requirements_leave_out_the_pipeline():
     names = {line.split("==")[0].strip().lower() for line in lines if line.strip() and not line.startswith("#")}
     assert not names & {"torch", "prefect", "mlflow", "onnx", "onnxsim", "onnxruntime-gpu"}, names
     assert "onnxruntime" in names and "litserve" in names
+
+
+def test_litserve_internals_are_used_in_one_module_only():
+    import re
+
+    for path in sorted((REPO / "serving").glob("*.py")):
+        if path.name == "litserve_bridge.py":
+            continue
+        text = path.read_text()
+        private = re.findall(r"^\s*(?:from litserve\.\S+ import .*|import litserve\.\S+.*)$|ls\._\w+", text, re.M)
+        assert not private, f"{path.name} uses LitServe beyond its public API: {private} (move it into litserve_bridge.py)"

@@ -81,7 +81,7 @@ def test_no_auth_server_warns_serves_and_stops_on_sigterm(default_artifact, tmp_
         started = time.monotonic()
         assert stop(process) == 0, server.log()  # SIGTERM -> graceful shutdown, exit status 0
         assert time.monotonic() - started < 40
-        assert "SIGTERM received" in server.log()
+        assert "SIGTERM received" in server.log() and "drained" in server.log()
         for pid in worker_pids:
             with pytest.raises(ProcessLookupError):
                 os.kill(pid, 0)

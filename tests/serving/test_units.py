@@ -5,11 +5,9 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from queue import Queue
 
 import numpy as np
 import pytest
-from support import stop_process_group
 
 from serving.config import ConfigError, ServerConfig, cpu_threads_per_worker, load_config
 from serving.model_uri import DEFAULT_TRACKING_URI, ModelUriError, parse_models_uri, resolve_model
@@ -107,50 +105,153 @@ def test_model_uri_parsing_and_local_paths(default_artifact, tmp_path):
 # ---------------------------------------------------------------- batching loop
 
 
+class FakeInbox:
+    """What a worker's GreedyBatchLoop reads: descriptors, and the slot arrays of shared memory."""
+
+    def __init__(self, descriptors, slots=16):
+        self.queue = list(descriptors)
+        self.slot_seq = [0] * slots
+        self.slot_cancel = [0] * slots
+        self.slot_taken = [-1] * slots
+        self.images = np.zeros((slots, 2, 2, 3), np.uint8)
+
+    def receive(self, timeout):
+        return self.queue.pop(0) if self.queue else None
+
+    def parent_gone(self):
+        return False
+
+
+class FakeAnswers:
+    def __init__(self):
+        self.dropped_ids = []
+
+    def dropped(self, descriptor, worker):
+        self.dropped_ids.append(descriptor.req_id)
+
+
+def descriptor(req_id, slots, deadline_in=30.0, mode=0, k=1, seq=0):
+    from serving.handoff import Descriptor
+
+    now = time.monotonic()
+    return Descriptor(req_id, 0, seq, mode, k, tuple(slots), now, now + deadline_in)
+
+
 def test_greedy_batch_loop_counts_images_not_requests():
     from types import SimpleNamespace
 
-    from serving.api import InferenceRequest
     from serving.batching import GreedyBatchLoop
 
-    queue = Queue()
-    for index, count in enumerate((3, 3, 3)):
-        queue.put((0, f"uid{index}", time.monotonic(), InferenceRequest(np.zeros((count, 2, 2, 3), np.uint8))))
-    api = SimpleNamespace(max_batch_size=5, batch_timeout=0.0, request_timeout=30)
-    payloads, timed_out = GreedyBatchLoop().get_batch_requests(api, queue, transport=None)
-    assert len(payloads) == 2 and not timed_out  # 3 + 3 images reach the limit of 5
-    assert queue.qsize() == 1
-    queue.put((0, "stale", time.monotonic() - 60, InferenceRequest(np.zeros((1, 2, 2, 3), np.uint8))))
-    payloads, timed_out = GreedyBatchLoop().get_batch_requests(api, queue, transport=None)
-    assert [uid for _, uid, _ in payloads] == ["uid2"] and timed_out == [(0, "stale")]
+    inbox = FakeInbox([descriptor(1, [0, 1, 2]), descriptor(2, [3, 4, 5]), descriptor(3, [6, 7, 8])])
+    api = SimpleNamespace(max_batch_size=5, batch_timeout=0.0)
+    payloads = GreedyBatchLoop().collect(api, inbox, FakeAnswers())
+    assert [uid for _, uid, _ in payloads] == [(1, 0), (2, 0)]  # 3 + 3 images reach the limit of 5
+    assert [request.count for _, _, request in payloads] == [3, 3] and len(inbox.queue) == 1
+    assert inbox.slot_taken[0] == inbox.slot_taken[3] == 0  # the worker marks what it took
 
 
-# ---------------------------------------------------------------- readiness while workers load
+def test_batch_loop_drops_stale_cancelled_and_expired_requests_before_inference():
+    from types import SimpleNamespace
+
+    from serving.batching import GreedyBatchLoop
+
+    inbox = FakeInbox([descriptor(1, [0]), descriptor(2, [1], seq=7), descriptor(3, [2]),
+                       descriptor(4, [3], deadline_in=-1), descriptor(5, [4])])
+    inbox.slot_cancel[2] = 1  # client 3 disconnected
+    answers = FakeAnswers()
+    payloads = GreedyBatchLoop().collect(SimpleNamespace(max_batch_size=8, batch_timeout=0.0), inbox, answers)
+    assert [uid[0] for _, uid, _ in payloads] == [1, 5]
+    assert answers.dropped_ids == [3, 4]  # answered "dropped"; 2 is a stale message (slot reallocated): ignored
 
 
-def test_ready_is_503_until_every_worker_is_ready(default_artifact, tmp_path):
-    """The /ready route of the real app, with LitServe's worker status in each state."""
+def test_stop_message_ends_the_worker_loop():
+    from types import SimpleNamespace
+
+    from serving.batching import GreedyBatchLoop
+    from serving.handoff import STOP
+    from serving.litserve_bridge import StopWorker
+
+    loop = GreedyBatchLoop()
+    inbox = FakeInbox([descriptor(1, [0]), STOP])
+    api = SimpleNamespace(max_batch_size=8, batch_timeout=0.0)
+    assert len(loop.collect(api, inbox, FakeAnswers())) == 1  # what came before STOP is still answered
+    with pytest.raises(StopWorker):
+        loop.collect(api, inbox, FakeAnswers())
+
+
+def test_descriptors_and_fragmented_answers_round_trip():
+    from serving.handoff import ANSWER, FRAGMENT_BYTES, Descriptor, answer_records
+
+    d = Descriptor(2**60 + 5, 3, 42, 1, 5, (7, 8, 9), 1.5, 2.5)
+    assert Descriptor.unpack(d.pack()) == d
+    payload = bytes(range(256)) * (FRAGMENT_BYTES // 100)
+    records = answer_records(9, 1, 0, 0, 5, 3, payload)
+    assert len(records) == -(-len(payload) // FRAGMENT_BYTES) > 1
+    assert b"".join(r[ANSWER.size:] for r in records) == payload
+    assert [ANSWER.unpack_from(r)[6:8] for r in records] == [(i, len(records)) for i in range(len(records))]
+
+
+# ---------------------------------------------------------------- readiness and admission
+
+
+def test_ready_reports_starting_degraded_and_draining(default_artifact, tmp_path):
+    """The /ready route of the real app over the shared worker states."""
     from fastapi.testclient import TestClient
-    from litserve.utils import WorkerSetupStatus
 
+    from serving.app import ModelInfo, build_app
     from serving.artifact import file_sha256, read_metadata
-    from serving.server import ModelInfo, build_server
+    from serving.handoff import F_DRAINING, F_STARTED, W_DEAD, W_READY, W_STARTING, SharedState
 
     config = ServerConfig(model=str(default_artifact), no_auth=True).resolved("cpu")
     info = ModelInfo(config, default_artifact, read_metadata(default_artifact), file_sha256(default_artifact), "cpu",
                      tmp_path)
-    server = build_server(config, info)
-    client = TestClient(server.app)
-    assert client.get("/health").json() == {"status": "ok"}
-    server.workers_setup_status = {}
-    assert client.get("/ready").status_code == 503
-    server.workers_setup_status = {"predict_0": WorkerSetupStatus.READY, "predict_1": WorkerSetupStatus.STARTING}
-    response = client.get("/ready")
-    assert response.status_code == 503 and response.json()["workers"]["predict_1"] == "starting"
-    server.workers_setup_status["predict_1"] = WorkerSetupStatus.READY
-    assert client.get("/ready").status_code == 200
-    routes = {(route.path, tuple(sorted(getattr(route, "methods", ())))) for route in server.app.router.routes}
-    assert ("/info", ("GET",)) not in routes and ("/", ("GET",)) not in routes
+    state = SharedState(1, 32, 2, (4, 4, 3))
+    with TestClient(build_app(config, info, state, ["predict_0", "predict_1"])) as client:
+        assert client.get("/health").json() == {"status": "ok"}
+        assert client.get("/ready").json() == {"ready": False, "status": "starting",
+                                               "workers": {"predict_0": "starting", "predict_1": "starting"}}
+        state.worker_status[0] = W_READY
+        assert client.get("/ready").status_code == 503  # start-up waits for every worker
+        state.worker_status[1] = W_READY
+        state.flags[F_STARTED] = 1
+        assert client.get("/ready").json()["status"] == "ready"
+        state.worker_status[1] = W_DEAD
+        degraded = client.get("/ready")
+        assert degraded.status_code == 200 and degraded.json()["status"] == "degraded"
+        assert degraded.json()["workers"]["predict_1"] == "restarting"
+        state.worker_status[0] = W_STARTING
+        assert client.get("/ready").json()["status"] == "unavailable"
+        state.worker_status[0] = W_READY
+        state.flags[F_DRAINING] = 1
+        draining = client.get("/ready")
+        assert draining.status_code == 503 and draining.json()["status"] == "draining"
+        state.worker_status[0] = W_STARTING
+        shed = client.post("/predict", content=b"x", headers={"Content-Type": "image/jpeg"})
+        assert shed.status_code == 503 and shed.headers["Retry-After"] == "1" and "no inference worker" in shed.text
+        routes = {getattr(route, "path", None) for route in client.app.router.routes}
+        assert "/docs" not in routes and "/openapi.json" not in routes
+        assert client.post("/predict/", content=b"x").status_code == 404  # no redirect (no Host-built Location)
+
+
+def test_admission_bound_and_slot_accounting():
+    from serving.config import admission_bound
+    from serving.dispatch import Dispatcher, Refused
+    from serving.handoff import W_READY, SharedState
+
+    assert admission_bound(2, 4, 2, 32) == 64 and admission_bound(1, 32, 1, 32) == 256
+    assert admission_bound(2, 4, 2, 32, requested=500) == 500 and admission_bound(2, 4, 2, 32, requested=8) == 64
+    state = SharedState(2, 8, 1, (2, 2, 3))
+    dispatcher = Dispatcher(state, 1)
+    with pytest.raises(Refused, match="no inference worker"):
+        dispatcher.acquire(1)
+    state.worker_status[0] = W_READY
+    slots = dispatcher.acquire(5)
+    assert set(slots) <= set(state.partition(1)) and dispatcher.held == 5
+    with pytest.raises(Refused) as full:
+        dispatcher.acquire(4)
+    assert full.value.reason == "queue_full"
+    dispatcher.release(slots)
+    assert dispatcher.held == 0 and len(dispatcher.acquire(8)) == 8
 
 
 # ---------------------------------------------------------------- metrics
@@ -180,49 +281,3 @@ def test_metrics_first_used_by_many_threads_at_once_are_created_once():
     result = subprocess.run([sys.executable, "-c", FIRST_USE_RACE], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "1 16 []", result.stdout  # one Metrics object, 16 callers, no error
-
-
-# ---------------------------------------------------------------- shutdown
-
-
-SIGNAL_TO_ANOTHER_THREAD = """
-import multiprocessing, signal, sys, threading, time
-from serving.server import PollingShutdownEvent
-if __name__ == "__main__":
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
-    event = multiprocessing.Manager().Event()
-    if sys.argv[1] == "polling":
-        event = PollingShutdownEvent(event)
-    # the kernel may hand a process-directed SIGINT to any thread; here it goes to a timer thread
-    threading.Timer(0.3, lambda: signal.pthread_kill(threading.get_ident(), signal.SIGINT)).start()
-    print("waiting", flush=True)
-    try:
-        event.wait()
-    except KeyboardInterrupt:
-        print("interrupted")
-"""
-
-
-@pytest.mark.parametrize("kind", ["polling", "plain"])
-def test_main_thread_notices_a_signal_delivered_to_another_thread(tmp_path, kind):
-    # LitServer's main thread waits on its shutdown event until SIGINT/SIGTERM. With the manager's
-    # plain event that wait never ends when the signal lands on another thread (the server would
-    # ignore that SIGINT/SIGTERM); the polling event ends it within SHUTDOWN_POLL_S.
-    script = tmp_path / "wait_for_signal.py"
-    script.write_text(SIGNAL_TO_ANOTHER_THREAD)
-    process = subprocess.Popen([sys.executable, str(script), kind], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, start_new_session=True)
-    try:
-        assert process.stdout.readline().strip() == "waiting", process.stderr.read()
-        try:
-            process.wait(timeout=5)  # the signal comes 0.3 s into the wait
-        except subprocess.TimeoutExpired:
-            assert kind == "plain", "the polling event did not notice the signal within 5 s"
-            return
-        assert kind == "polling", "the plain event was expected to hang"
-        out = process.stdout.read()
-    finally:
-        if process.poll() is None:
-            stop_process_group(process.pid, timeout=3)  # the script and its manager process (which ignores SIGINT)
-            process.wait(5)
-    assert process.returncode == 0 and out.strip() == "interrupted", out

@@ -6,7 +6,7 @@ with the session's default threading, all of it inside the async handler (one re
 It still uses serving.images for decoding and resizing (the project's one implementation), so
 the comparison measures the serving architecture, not a different resize.
 
-    python -m serving.baseline --model models/model.onnx --port 8193
+    python -m benchmarks.baseline --model models/model.onnx --port 8193
 """
 
 import argparse
