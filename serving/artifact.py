@@ -98,10 +98,24 @@ def read_metadata(path: str | Path) -> ArtifactMetadata:
         raise ArtifactError(f"{path}: no such model file")
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return session_metadata(open_session(path, options, ["CPUExecutionProvider"]), path)
+
+
+def open_session(path: str | Path, options, providers: list):
+    """An ONNX Runtime session on `path`, or ArtifactError naming the file and the reason."""
+    import onnxruntime as ort
+
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path}: no such model file")
     try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), options, providers=providers)
     except Exception as error:  # onnxruntime raises several unrelated types for a bad file
         raise ArtifactError(f"{path}: not a loadable ONNX model: {error}") from None
+
+
+def session_metadata(session, path: str | Path) -> ArtifactMetadata:
+    """The onnxship metadata of an open session's model (no second session just to read it)."""
     return ArtifactMetadata.from_props(session.get_modelmeta().custom_metadata_map, source=str(path))
 
 

@@ -25,6 +25,7 @@ class ClientError(RuntimeError):
         self.url = url
         self.status = status
         self.error = error
+        self.retry_after: float | None = None  # seconds, from the server's Retry-After
         where = f"HTTP {status}" if status is not None else "no response"
         super().__init__(f"{url}: {where}: {error}")
 
@@ -62,10 +63,19 @@ def _image_part(image: ImageInput, index: int) -> tuple[str, bytes, str]:
         raise ClientError(str(path), None, f"cannot read the image file: {error.strerror or error}") from None
 
 
+RETRYABLE = (408, 503, 504)  # the server's failure model: safe to send again (predictions have no side effects)
+MAX_RETRY_WAIT_S = 5.0
+
+
 class ClassifierClient:
-    def __init__(self, url: str, api_key: str | None = None, timeout: float = 30.0, gateway_token: str | None = None):
+    """`retries`: how many times a request that met a retryable answer (408, 503 after its Retry-After,
+    504) or a dropped connection is sent again before ClientError is raised (default 0: never)."""
+
+    def __init__(self, url: str, api_key: str | None = None, timeout: float = 30.0, gateway_token: str | None = None,
+                 retries: int = 0):
         self.url = url.rstrip("/")
         self.timeout = timeout
+        self.retries = retries
         self.session = requests.Session()
         if api_key:
             self.session.headers["X-API-Key"] = api_key
@@ -86,6 +96,17 @@ class ClassifierClient:
 
     # -- plumbing ---------------------------------------------------------------------------
     def _request(self, method: str, path: str, ok=(200,), **kwargs) -> tuple[requests.Response, float]:
+        for attempt in range(self.retries + 1):
+            try:
+                return self._send(method, path, ok, **kwargs)
+            except ClientError as error:
+                if attempt == self.retries or not (error.status in RETRYABLE or error.status is None
+                                                   and "refused" not in error.error):
+                    raise
+                time.sleep(min(error.retry_after or 0.5, MAX_RETRY_WAIT_S))
+        raise AssertionError("unreachable")
+
+    def _send(self, method: str, path: str, ok, **kwargs) -> tuple[requests.Response, float]:
         url = f"{self.url}{path}"
         start = time.perf_counter()
         try:
@@ -100,7 +121,10 @@ class ClassifierClient:
             raise ClientError(url, None, str(error)) from None
         latency = time.perf_counter() - start
         if response.status_code not in ok:
-            raise ClientError(url, response.status_code, self._error_text(response))
+            error = ClientError(url, response.status_code, self._error_text(response))
+            retry_after = response.headers.get("Retry-After", "")
+            error.retry_after = float(retry_after) if retry_after.replace(".", "", 1).isdigit() else None
+            raise error
         return response, latency
 
     @staticmethod

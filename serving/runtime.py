@@ -28,7 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from serving.artifact import INPUT_NAME, LOGITS_NAME, PROBABILITIES_NAME, ArtifactMetadata, file_sha256, read_metadata
+from serving.artifact import (INPUT_NAME, LOGITS_NAME, PROBABILITIES_NAME, ArtifactMetadata, file_sha256, open_session,
+                              session_metadata)
 from serving.images import DEFAULT_MAX_PIXELS, load_image
 
 log = logging.getLogger(__name__)
@@ -137,10 +138,7 @@ class Classifier:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         allow_spinning: bool | None = None,
     ):
-        import onnxruntime as ort
-
         self.model_path = Path(model_path)
-        self.metadata: ArtifactMetadata = read_metadata(self.model_path)
         self.requested_device = device
         self.device = resolve_device(device)
         self.device_id = device_id
@@ -162,7 +160,8 @@ class Classifier:
             providers.append(CPU)
         else:
             providers = [CPU]
-        self.session = ort.InferenceSession(str(self.model_path), options, providers=providers)
+        self.session = open_session(self.model_path, options, providers)
+        self.metadata: ArtifactMetadata = session_metadata(self.session, self.model_path)
         self.providers: list[str] = list(self.session.get_providers())
         self.intra_op_threads = options.intra_op_num_threads
         wanted = providers[0][0] if isinstance(providers[0], tuple) else providers[0]

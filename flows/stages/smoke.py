@@ -108,7 +108,9 @@ def run_smoke_test(
     artifact gave in-process, with min_accuracy=1.0: the endpoint must serve exactly that model).
     """
     started = time.perf_counter()
-    client = ClassifierClient(url, api_key=api_key, timeout=timeout_s, gateway_token=gateway_token)
+    # a busy endpoint's 503 (or a 504, a dropped connection) is retried as the server's failure model says:
+    # the smoke test judges the model and the deployment, not one burst of load
+    client = ClassifierClient(url, api_key=api_key, timeout=timeout_s, gateway_token=gateway_token, retries=2)
     result = SmokeResult(url=url, passed=False, healthy=False, ready=False, latency_budget_s=latency_budget_s,
                          min_accuracy=min_accuracy)
     try:

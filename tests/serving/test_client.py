@@ -71,3 +71,28 @@ def test_script_says_connection_refused(images_dir):
     result = run_script("--url", f"http://127.0.0.1:{free_port()}", "--images", str(images_dir / "coffee.png"))
     assert result.returncode == 2
     assert "connection refused" in result.stderr
+
+
+def test_client_retries_a_busy_server_after_its_retry_after(slow_artifact, tmp_path, jpeg_bytes):
+    """A 503 (queue full) carries Retry-After; a client with retries waits for it and is served."""
+    import threading
+
+    from tests.serving.conftest import running
+    from tests.serving.test_holes import wait_for
+    from tests.serving.test_overload import counter, predict
+
+    with running(slow_artifact, tmp_path, "--workers", "1", "--api-servers", "1", "--max-batch-size", "1",
+                 "--max-images-per-request", "1", "--max-queued-images", "1") as server:
+        holder = threading.Thread(target=lambda: predict(server, jpeg_bytes))  # takes the only slot
+        holder.start()
+        assert wait_for(lambda: counter(server, "onnxship_queued_images") >= 1)
+        with pytest.raises(ClientError) as busy:
+            ClassifierClient(server.url, api_key=API_KEY).predict(jpeg_bytes)
+        holder.join(timeout=60)
+        assert busy.value.status == 503 and busy.value.retry_after is not None and busy.value.retry_after > 0
+        holder = threading.Thread(target=lambda: predict(server, jpeg_bytes))
+        holder.start()
+        assert wait_for(lambda: counter(server, "onnxship_queued_images") >= 1)
+        patient = ClassifierClient(server.url, api_key=API_KEY, retries=2).predict(jpeg_bytes)
+        holder.join(timeout=60)
+        assert patient.class_id >= 0
