@@ -123,6 +123,8 @@ BREAKAGES = {
         (b.path / "Dockerfile").read_text().replace(b.artifact_sha256, "1" * 64)), "pins MODEL_SHA256"),
     "root": (lambda b: (b.path / "Dockerfile").write_text(
         (b.path / "Dockerfile").read_text().replace("USER 10001:10001", "USER root")), "runs as root"),
+    "grace shorter than the drain": (lambda b: setattr(b, "settings", b.settings.model_copy(
+        update={"response_grace_period": 15})), "response_grace_period 15 s is shorter than the server's drain"),
 }
 
 

@@ -18,8 +18,10 @@ from flows.deploy.cerebrium.contract import (CUDA_LINES, DEV_FOLDERS, DOCKERFILE
 from flows.params import CerebriumSettings
 from flows.secrets import APP_KEY, CEREBRIUM_TOKEN, resolve_secret
 from serving.artifact import file_sha256
+from serving.config import ServerConfig
 
 TOKEN_ENV, TOKEN_BLOCK = CEREBRIUM_TOKEN
+DRAIN_MARGIN_S = 5.0
 APP_KEY_ENV, APP_KEY_BLOCK = APP_KEY
 
 
@@ -105,6 +107,7 @@ def preflight(bundle: Bundle, token: str | None, cli: str | None = None, check_c
         problems.append(f"the upload is {size / 1e9:.2f} GB, over Cerebrium's 2 GB limit")
     if settings.max_replicas < settings.min_replicas:
         problems.append(f"max_replicas {settings.max_replicas} < min_replicas {settings.min_replicas}")
+    problems.extend(drain_problems(settings))
     notes = [f"upload: {len(files)} files, {size / 1e6:.1f} MB", *scaling_notes(settings)]
     if settings.cuda == "13":
         notes.append("CUDA 13 line (onnxruntime-gpu >= 1.27): needs NVIDIA driver >= 580 on the host; "
@@ -206,6 +209,18 @@ def cuda_problems(root: Path, facts: dict | None, settings: CerebriumSettings) -
         problems.append(f"{DOCKERFILE} pins CUDA_MAJOR={facts['args'].get('CUDA_MAJOR')!r}, "
                         f"settings ask for {settings.cuda}")
     return problems
+
+
+def drain_problems(settings: CerebriumSettings) -> list[str]:
+    """A replica scaled down gets SIGTERM, then SIGKILL after response_grace_period: the server's drain
+    (--drain-grace, then up to --drain-timeout to answer what it accepted) must end well before that."""
+    server = ServerConfig()
+    needed = server.drain_grace + server.drain_timeout + DRAIN_MARGIN_S
+    if settings.response_grace_period < needed:
+        return [f"response_grace_period {settings.response_grace_period} s is shorter than the server's drain "
+                f"(--drain-grace {server.drain_grace:g} s + --drain-timeout {server.drain_timeout:g} s + "
+                f"{DRAIN_MARGIN_S:g} s margin = {needed:g} s): a scale-down would kill requests it accepted"]
+    return []
 
 
 def scaling_notes(settings: CerebriumSettings) -> list[str]:
