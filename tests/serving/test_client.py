@@ -74,7 +74,10 @@ def test_script_says_connection_refused(images_dir):
 
 
 def test_client_retries_a_busy_server_after_its_retry_after(slow_artifact, tmp_path, jpeg_bytes):
-    """A 503 (queue full) carries Retry-After; a client with retries waits for it and is served."""
+    """A 503 (queue full) carries Retry-After; a client with retries waits for it and is served.
+
+    One thread keeps the only admission slot busy, back to back, so the outcome does not depend on
+    how fast this machine runs the slow model; it lets go once the patient client was turned away."""
     import threading
 
     from tests.serving.conftest import running
@@ -83,16 +86,32 @@ def test_client_retries_a_busy_server_after_its_retry_after(slow_artifact, tmp_p
 
     with running(slow_artifact, tmp_path, "--workers", "1", "--api-servers", "1", "--max-batch-size", "1",
                  "--max-images-per-request", "1", "--max-queued-images", "1") as server:
-        holder = threading.Thread(target=lambda: predict(server, jpeg_bytes))  # takes the only slot
+        let_go = threading.Event()
+        holder = threading.Thread(target=lambda: [predict(server, jpeg_bytes) for _ in iter(let_go.is_set, True)])
         holder.start()
-        assert wait_for(lambda: counter(server, "onnxship_queued_images") >= 1)
-        with pytest.raises(ClientError) as busy:
-            ClassifierClient(server.url, api_key=API_KEY).predict(jpeg_bytes)
-        holder.join(timeout=60)
-        assert busy.value.status == 503 and busy.value.retry_after is not None and busy.value.retry_after > 0
-        holder = threading.Thread(target=lambda: predict(server, jpeg_bytes))
-        holder.start()
-        assert wait_for(lambda: counter(server, "onnxship_queued_images") >= 1)
-        patient = ClassifierClient(server.url, api_key=API_KEY, retries=2).predict(jpeg_bytes)
-        holder.join(timeout=60)
-        assert patient.class_id >= 0
+        try:
+            busy = first_refusal(ClassifierClient(server.url, api_key=API_KEY), jpeg_bytes)
+            assert busy.status == 503 and busy.retry_after is not None and busy.retry_after > 0
+            refused_before = counter(server, "onnxship_shed_total", reason="queue_full")
+            answers = []
+            patient = threading.Thread(target=lambda: answers.append(
+                ClassifierClient(server.url, api_key=API_KEY, retries=2).predict(jpeg_bytes)))
+            patient.start()
+            turned_away = wait_for(lambda: counter(server, "onnxship_shed_total", reason="queue_full") > refused_before)
+            let_go.set()
+            patient.join(timeout=60)
+        finally:
+            let_go.set()
+            holder.join(timeout=60)
+        assert turned_away, "the patient client was never refused: the slot was not held"
+        assert answers and answers[0].class_id >= 0
+
+
+def first_refusal(client: ClassifierClient, data: bytes, attempts: int = 50) -> ClientError:
+    """The first ClientError `client` meets sending `data` (a held slot frees for a moment between calls)."""
+    for _ in range(attempts):
+        try:
+            client.predict(data)
+        except ClientError as refused:
+            return refused
+    raise AssertionError(f"{attempts} requests and none refused: the slot was not held")
