@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: install test test-services release convert serve bench cerebrium-bundle rollback stop-server api-key prefect-server prefect-deploy prefect-worker prefect-run
+.PHONY: install test test-services release convert openapi serve bench cerebrium-bundle rollback stop-server api-key prefect-server prefect-deploy prefect-worker prefect-run
 .PHONY: team-up team-down team-status team-env team-import team-pool
 
 install: $(STAMP)
@@ -36,6 +36,13 @@ test-services:
 # The seed's converter with its defaults: models/model.onnx from the bundled EfficientNet-Lite0.
 convert: install
 	$(PY) scripts/convert_to_onnx.py --output models/model.onnx --test-image data/images/coffee.png $(ARGS)
+
+# docs/openapi.json: the OpenAPI document a default server of the bundled model serves (checked by
+# tests/serving/test_openapi.py); exports the bundled model first when models/model.onnx is missing.
+openapi: install
+	@test -f models/model.onnx || $(MAKE) --no-print-directory convert
+	$(PY) -m serving --print-openapi --model models/model.onnx > docs/openapi.json.tmp
+	mv docs/openapi.json.tmp docs/openapi.json
 
 # Serve an artifact (or MODEL=models:/onnxship-classifier@champion) on :8192; needs API_KEY.
 serve: install

@@ -118,9 +118,35 @@ def serve(config) -> int:
         remove_multiprocess_dir(metrics_dir)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from serving.config import ConfigError, load_config
+def print_openapi(config) -> int:
+    """The document GET /openapi.json serves (with --docs), without starting a server."""
+    import json
 
+    from serving.openapi import build_document
+
+    num_classes = None
+    if config.model:
+        from serving.artifact import ArtifactError, read_metadata
+        from serving.model_uri import ModelUriError, resolve_model
+
+        try:
+            num_classes = read_metadata(resolve_model(config.model).path).num_classes
+        except (ModelUriError, ArtifactError) as error:
+            print(f"python -m serving --print-openapi: {error}", file=sys.stderr)
+            return 2
+    print(json.dumps(build_document(config, num_classes), indent=2, ensure_ascii=False))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from serving.config import ConfigError, build_parser, load_config
+
+    if build_parser().parse_args(argv).print_openapi:
+        try:
+            return print_openapi(load_config(argv, check=False))
+        except ConfigError as error:
+            print(f"python -m serving: {error}", file=sys.stderr)
+            return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = load_config(argv)

@@ -17,6 +17,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -36,6 +37,7 @@ from serving.handoff import F_DRAINING, F_STARTED, SharedState
 from serving.ingress import (ClientGone, IngressLimitMiddleware, Limits, decode_opened, error_response, open_all,
                              read_uploads)
 from serving.metrics import MetricsMiddleware, metrics, render
+from serving.openapi import Prediction, TopK, build_document
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,8 @@ log = logging.getLogger(__name__)
 INLINE_DECODE_PIXELS = int(os.environ.get("ONNXSHIP_INLINE_DECODE_PIXELS", 600_000))
 RETRY_AFTER_S = 1  # what a 503 tells the client to wait before retrying
 CLIENT_GONE = 499  # nginx's "client closed request": counted in the metrics, never sent
+# what the document calls an integer: int() also takes " 5", "5_0" and "٥", and fails on 5,000 digits
+INTEGER = re.compile(r"-?[0-9]{1,18}")
 
 
 class ModelInfo:
@@ -136,6 +140,7 @@ def build_app(config: ServerConfig, info: ModelInfo, state: SharedState, worker_
     app = FastAPI(title="onnxship", version=serving.__version__, lifespan=lifespan, redirect_slashes=False,
                   docs_url="/docs" if docs else None, redoc_url=None, openapi_url="/openapi.json" if docs else None,
                   telemetry={"tracing": False, "metrics": False, "logs": False})
+    app.openapi = lambda: document  # the document of serving/openapi.py, not one inferred from the routes
     app.state.server_index = server_index
     app.state.on_shutdown = None
     app.add_middleware(IngressLimitMiddleware, max_bytes=int(config.max_payload_bytes))
@@ -146,6 +151,7 @@ def build_app(config: ServerConfig, info: ModelInfo, state: SharedState, worker_
                     config.max_request_pixels)
     metadata = info.metadata
     labels, size, policy, num_classes = metadata.labels, metadata.input_size, metadata.resize_policy, metadata.num_classes
+    document = build_document(config, num_classes) if docs else None
 
     async def infer(request: Request, mode: str, k: int) -> Response:
         start = time.perf_counter()
@@ -238,10 +244,9 @@ def build_app(config: ServerConfig, info: ModelInfo, state: SharedState, worker_
         """The k best classes of each image (query parameter k, 1..classes, default 5)."""
         await auth(request)  # before k is looked at: no information without the key
         raw = request.query_params.get("k", "5")
-        try:
-            k = int(raw)
-        except ValueError:
-            raise HTTPException(422, f"k: expected an integer in 1..{num_classes}, got {raw!r}") from None
+        if not INTEGER.fullmatch(raw):
+            raise HTTPException(422, f"k: expected an integer in 1..{num_classes}, got {raw[:40]!r}")
+        k = int(raw)
         if not 1 <= k <= num_classes:
             raise HTTPException(422, f"k={k} is out of range: expected 1..{num_classes} (the model's classes)")
         return await infer(request, "top", k)
@@ -249,7 +254,8 @@ def build_app(config: ServerConfig, info: ModelInfo, state: SharedState, worker_
     return app
 
 
-def format_results(answer, mode: str, labels) -> list[dict]:
+def format_results(answer, mode: str, labels) -> list[Prediction] | list[TopK]:
+    """One answer per image, without `processing_time` (serving/openapi.py: the types of the document)."""
     ids, confidences = answer.ids, answer.confidences
     if mode == "top":
         return [{"predictions": [{"class_id": int(c), "confidence": float(p), "label": labels[int(c)]}

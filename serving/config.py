@@ -266,12 +266,16 @@ def build_parser() -> argparse.ArgumentParser:
         "auto = off on CPU (they would take the cores decoding needs), on with CUDA [ONNXSHIP_ORT_SPINNING]")
     add("--docs", action="store_true", default=None, help="serve the API docs (/docs, /openapi.json); off by "
         "default [ONNXSHIP_DOCS]")
+    add("--print-openapi", action="store_true", help="write the OpenAPI document of a server started with these "
+        "flags to stdout and exit (no key needed; --model only sets k's maximum to the model's class count)")
     return parser
 
 
-def load_config(argv: list[str] | None = None, environ: dict | None = None) -> ServerConfig:
-    """Command line over environment over defaults, validated."""
+def load_config(argv: list[str] | None = None, environ: dict | None = None, check: bool = True) -> ServerConfig:
+    """Command line over environment over defaults, validated unless `check` is False."""
     args = vars(build_parser().parse_args(argv))
+    args.pop("print_openapi")
     settings = from_env(environ)
     settings.update({name: value for name, value in args.items() if value is not None})
-    return ServerConfig(**settings).validate()
+    config = ServerConfig(**settings)
+    return config.validate() if check else config

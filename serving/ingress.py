@@ -175,6 +175,12 @@ def read_json(body: bytes, max_images: int = 1 << 30) -> list[tuple[str, bytes]]
         raise bad_request(f"malformed JSON: {error}") from None
     if not isinstance(document, dict):
         raise bad_request(f'JSON body must be an object like {{"image": "<base64>"}}, got {type(document).__name__}')
+    forms = [key for key in ("image", "images") if key in document]
+    if len(forms) == 1 and len(document) > 1:
+        extra = ", ".join(repr(k)[:40] for k in list(document) if k != forms[0])
+        raise bad_request(f"unexpected JSON field(s) {extra}: send only {forms[0]!r}")
+    if len(forms) == 2:
+        raise bad_request("both 'image' and 'images': send one image as 'image' or several as 'images'")
     if "image" in document:
         return [("image", decode_base64(document["image"], "'image'"))]
     if "images" in document:
