@@ -10,7 +10,7 @@ count. The same function feeds GET /openapi.json (with --docs) and `python -m se
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import ConfigDict, Field, TypeAdapter
 from typing_extensions import TypedDict
@@ -142,7 +142,7 @@ SCHEMAS = (PredictionAnswer, PredictionBatch, TopKAnswer, TopKBatch, Error, Heal
 
 
 def component_schemas() -> dict:
-    adapters = [(cls.__name__, "serialization", TypeAdapter(cls)) for cls in SCHEMAS]
+    adapters = [(shape.__name__, "serialization", TypeAdapter(shape)) for shape in SCHEMAS]
     _, definitions = TypeAdapter.json_schemas(adapters, ref_template="#/components/schemas/{model}")
     return definitions["$defs"]
 
@@ -151,8 +151,12 @@ def ref(name: str) -> dict:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
+def json_answer(schema: str, description: str) -> dict:
+    return {"description": description, "content": {"application/json": {"schema": ref(schema)}}}
+
+
 def error(description: str, *headers: str) -> dict:
-    answer = {"description": description, "content": {"application/json": {"schema": ref("Error")}}}
+    answer = json_answer("Error", description)
     if headers:
         answer["headers"] = {name: HEADERS[name] for name in headers}
     return answer
@@ -165,27 +169,27 @@ HEADERS = {
 
 
 def error_responses(config, authenticated: bool, reads_image: bool) -> dict:
-    answers = {}
+    found = {}
     if reads_image:
-        answers["400"] = error(
+        found["400"] = error(
             "the request carries no usable image: no `file` part or wrong field name, empty file, not an image, "
             "truncated or corrupt image, decompression bomb, over --max-image-pixels "
             f"({config.max_image_pixels:,}) per image or --max-request-pixels ({config.max_request_pixels:,}) per "
-            "request, bad base64, malformed JSON or JSON without `image`/`images`, more than "
-            f"{config.max_images_per_request} images; the message names the problem")
+            "request, bad base64, malformed JSON, JSON without `image`/`images`, with both or with other keys, "
+            f"more than {config.max_images_per_request} images; the message names the problem")
     if authenticated:
-        answers["401"] = error("missing or wrong API key", "WWW-Authenticate")
+        found["401"] = error("missing or wrong API key", "WWW-Authenticate")
     if reads_image:
-        answers["408"] = error(f"the body did not arrive within --body-timeout ({config.body_timeout:g} s)")
-        answers["413"] = error(f"body over --max-payload-bytes ({int(config.max_payload_bytes):,} bytes)")
-        answers["415"] = error("a Content-Type that is none of the documented request forms")
-        answers["500"] = error("inference failed in the model runtime (logged on the server); "
+        found["408"] = error(f"the body did not arrive within --body-timeout ({config.body_timeout:g} s)")
+        found["413"] = error(f"body over --max-payload-bytes ({int(config.max_payload_bytes):,} bytes)")
+        found["415"] = error("a Content-Type that is none of the documented request forms")
+        found["500"] = error("inference failed in the model runtime (logged on the server); "
                                "never the answer to a client's mistake")
-        answers["503"] = error("overloaded (the admission bound), no inference worker ready, draining, or the worker "
+        found["503"] = error("overloaded (the admission bound), no inference worker ready, draining, or the worker "
                                "computing the request died; retry after Retry-After, on any replica", "Retry-After")
-        answers["504"] = error(f"no answer within --request-timeout ({config.request_timeout:g} s); the work was "
+        found["504"] = error(f"no answer within --request-timeout ({config.request_timeout:g} s); the work was "
                                "dropped")
-    return answers
+    return found
 
 
 def image_request_body(config) -> dict:
@@ -214,8 +218,8 @@ def image_request_body(config) -> dict:
             "application/json": {
                 "schema": {"oneOf": [one, several]},
                 "examples": {
-                    "one image": {"summary": "a 48x48 JPEG of an espresso", "value": {"image": examples.ESPRESSO}},
-                    "several images": {"summary": "the espresso and a 48x48 JPEG of a cat",
+                    "one image": {"summary": "a 64x64 JPEG of an espresso", "value": {"image": examples.ESPRESSO}},
+                    "several images": {"summary": "the espresso and a 64x64 JPEG of a cat",
                                        "value": {"images": [examples.ESPRESSO, examples.CAT]}},
                 },
             },
@@ -223,12 +227,14 @@ def image_request_body(config) -> dict:
     }
 
 
-def answer(description: str, single: str, batch: str, single_examples: dict, batch_example: dict) -> dict:
-    return {"description": description, "content": {"application/json": {
-        "schema": {"oneOf": [ref(single), ref(batch)]},
-        "examples": {**{name: {"summary": "one image", "value": value} for name, value in single_examples.items()},
-                     "several images": {"summary": "the two images of the request examples", "value": batch_example}},
-    }}}
+def success(single: str, batch: str, single_example: dict, batch_example: dict) -> dict:
+    return {"description": "one image: its answer; several: `results`, one per image in the order sent",
+            "content": {"application/json": {
+                "schema": {"oneOf": [ref(single), ref(batch)]},
+                "examples": {"one image": {"summary": "the answer to the one-image request example",
+                                           "value": single_example},
+                             "several images": {"summary": "the answer to the several-images request example",
+                                                "value": batch_example}}}}}
 
 
 def predict_operation(config, authenticated: bool, top: bool, num_classes: int | None) -> dict:
@@ -237,10 +243,8 @@ def predict_operation(config, authenticated: bool, top: bool, num_classes: int |
         "summary": "The k best classes of each image" if top else "The best class of each image",
         "requestBody": image_request_body(config),
         "responses": {
-            "200": answer("one image: its answer; several: `results`, one per image in order",
-                          "TopKAnswer" if top else "PredictionAnswer", "TopKBatch" if top else "PredictionBatch",
-                          {"one image": examples.TOP_ANSWER if top else examples.ANSWER},
-                          examples.TOP_BATCH_ANSWER if top else examples.BATCH_ANSWER),
+            "200": success("TopKAnswer", "TopKBatch", examples.TOP_ANSWER, examples.TOP_BATCH_ANSWER) if top
+            else success("PredictionAnswer", "PredictionBatch", examples.ANSWER, examples.BATCH_ANSWER),
             **error_responses(config, authenticated, reads_image=True),
         },
     }
@@ -262,8 +266,6 @@ def build_document(config, num_classes: int | None = None) -> dict:
     (None: `k`'s maximum is left to the model, checked by the server)."""
     authenticated = not config.no_auth
     secured = {"security": [{"ApiKey": []}, {"Bearer": []}]} if authenticated else {}
-    json_answer = lambda schema, description: {  # noqa: E731
-        "description": description, "content": {"application/json": {"schema": ref(schema)}}}
     document = {
         "openapi": OPENAPI_VERSION,
         "info": {"title": "onnxship", "version": serving.__version__,
@@ -295,5 +297,3 @@ def build_document(config, num_classes: int | None = None) -> dict:
         }
     return document
 
-
-Answer = Union[PredictionAnswer, TopKAnswer, PredictionBatch, TopKBatch]
