@@ -15,7 +15,8 @@ from typing import Callable, Sequence
 
 from flows.params import ReleaseParams
 from flows.reference import ReferenceImage, ReferenceSetError, load_reference_set, reference_paths
-from flows.stages.agreement import Agreement, ImageSplit, measure_agreement, split_images, torch_reference
+from flows.stages.agreement import (Agreement, ImageSplit, TorchReference, measure_agreement, split_images,
+                                    torch_reference)
 from flows.stages.variants import FP16, FP32, INT8, VariantError, build_variant
 
 
@@ -46,6 +47,7 @@ class VariantSet:
     device: str  # the deploy target's device: "cpu" or "cuda"
     split: ImageSplit
     variants: list[Variant] = field(default_factory=list)
+    reference: TorchReference | None = None  # PyTorch's answers on the evaluation images
 
     @property
     def fp32(self) -> Variant:
@@ -99,7 +101,7 @@ def prepare_variants(params: ReleaseParams, loaded, fp32, fp32_path: Path, refer
     say(f"      target device {device}: {', '.join(precisions)}; {split.how}")
     reference = torch_reference(loaded, fp32, split.evaluation)
     result = VariantSet(device, split, [Variant(FP32, fp32_path, fp32, measure_agreement(fp32, reference),
-                                                 fp32_path.stat().st_size)])
+                                                 fp32_path.stat().st_size)], reference)
     for precision in precisions[1:]:
         variant = Variant(precision)
         result.variants.append(variant)
