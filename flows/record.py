@@ -228,8 +228,7 @@ def log_variant_runs(run: ReleaseRun, params: ReleaseParams, variants, choice, b
         registry.log_metrics(run.client, child, metrics)
         registry.end_run(run.client, child, "FINISHED")
         rows.append({"precision": variant.precision, "verdict": verdict, "run_id": child,
-                     "why": next((line.split(" (", 1)[1][:-1] for line in choice.lines()
-                                  if line.startswith(variant.precision + ":") and " (" in line), ""),
+                     "why": choice.why(variant.precision),
                      **{key.split("/", 1)[1]: value for key, value in metrics.items()
                         if key.startswith("variant/") or key == "benchmark/ort_b1_img_per_s"}})
     run.client.set_tag(run.run_id, "precision", choice.chosen)

@@ -106,7 +106,7 @@ def benchmark_stage(candidate: Classifier, references, params: ReleaseParams, lo
                 variant.classifier, images, settings.batch_sizes, settings.duration_s, settings.warmup_calls,
                 progress=progress_printer(f"benchmark {variant.precision}"))
             variant.speedup = paired_speedup(candidate, variant.classifier, images,
-                                             duration_s=max(0.6, min(6.0, 3 * settings.duration_s)))
+                                             duration_s=max(0.5, min(10.0, 3 * settings.duration_s)))
     plot_benchmark(result, plot_path, title=f"{params.model_name} ({params.arch}), CPU, in-process", variants=others)
     return result, others
 

@@ -143,7 +143,7 @@ def variant_table(rows: list[dict]) -> list[str]:
     lines = ["| precision | ORT img/s (b1) | speed-up | top-1 agreement | top-5 agreement | top-1 accuracy "
              "| size MB | verdict |", "|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
-        why = f": {r['why']}" if r.get("why") and not r["verdict"].startswith("chosen (baseline)") else ""
+        why = f": {r['why']}" if r.get("why") else ""
         lines.append(f"| {r['precision']} | {num(r.get('ort_b1_img_per_s'), '.0f')} | {num(r.get('speedup'), '.2f')}x "
                      f"| {num(r.get('top1_agreement'), '.1%')} | {num(r.get('top5_agreement'), '.1%')} "
                      f"| {num(r.get('top1_accuracy'), '.1%')} | {num(r.get('size_mb'), '.1f')} | {r['verdict']}{why} |")

@@ -165,15 +165,16 @@ class VariantChoice:
     decisions: dict[str, list[str]] = field(default_factory=dict)  # precision -> "ok: ..." / "FAIL: ..." lines
     verdicts: dict[str, str] = field(default_factory=dict)  # precision -> baseline | chosen | eligible | refused
 
+    def why(self, precision: str) -> str:
+        """The failures that refused a variant, else the checks it passed ("" for the baseline)."""
+        reasons = self.decisions.get(precision, [])
+        failures = [r[6:] for r in reasons if r.startswith("FAIL")]
+        return "; ".join(failures) if failures else "; ".join(r.removeprefix("ok: ") for r in reasons)
+
     def lines(self) -> list[str]:
-        """One line per variant: its verdict and the reason (failures first)."""
-        out = []
-        for precision, verdict in self.verdicts.items():
-            reasons = self.decisions.get(precision, [])
-            failures = [r[6:] for r in reasons if r.startswith("FAIL")]
-            why = "; ".join(failures) if failures else "; ".join(r.removeprefix("ok: ") for r in reasons)
-            out.append(f"{precision}: {verdict}" + (f" ({why})" if why else ""))
-        return out
+        """One line per variant: its verdict and the reason."""
+        return [f"{precision}: {verdict}" + (f" ({self.why(precision)})" if self.why(precision) else "")
+                for precision, verdict in self.verdicts.items()]
 
     def to_dict(self) -> dict:
         return {"chosen": self.chosen, "device": self.device, "verdicts": self.verdicts, "decisions": self.decisions}
@@ -182,7 +183,7 @@ class VariantChoice:
 def choose_variant(variants: Sequence, budget: VariantBudget, device: str) -> VariantChoice:
     """The fastest variant for the target's device that keeps the model's answers; fp32 otherwise.
 
-    CPU targets: speed is measured here (img/s at batch 1 against fp32, `speedup`), so a variant must be
+    CPU targets: speed is measured here (batch 1 against fp32, `speedup`), so a variant must be
     at least `min_speedup` times faster (fp16 is slower on CPUs: never taken there). cuda targets: the
     release measures on this machine's CPU, so the GPU speed of fp16 is not measured; fp16 is taken on
     its agreement alone (half the bytes and tensor cores on every CUDA GPU we deploy to) and the serving
@@ -227,7 +228,7 @@ def judge_variant(variant, fp32, budget: VariantBudget, device: str) -> list[str
             reasons.append("FAIL: speed not measured")
         else:
             reasons.append(check(variant.speedup >= budget.min_speedup,
-                                 f"{variant.speedup:.2f}x fp32's img/s at batch 1 on this CPU (min {budget.min_speedup:.2f}x)"))
+                                 f"{variant.speedup:.2f}x fp32's speed at batch 1 on this CPU (min {budget.min_speedup:.2f}x)"))
     elif variant.precision == "fp16":
         reasons.append("ok: GPU speed not measured here (the release benchmarks on CPU): taken on agreement, "
                        "measured by the serving benchmark on a GPU")
