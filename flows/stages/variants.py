@@ -5,9 +5,10 @@ the preprocessing in the graph and in float32, every metadata_props key, plus `p
 
 - int8: ONNX Runtime static quantization (QDQ, per-channel QInt8 weights, QUInt8 activations,
   MinMax calibration, 7-bit weights: `reduce_range`, without which CPUs lacking VNNI saturate the
-  u8 x s8 products: top-1 agreement 89.6% instead of 95.5% on this AVX2 machine). Only the model is quantized: the preprocessing nodes in front of the first
-  convolution and the final softmax stay float. Calibration images go through the artifact's own
-  input, decoded and resized by `serving.images.load_image` (the one implementation).
+  u8 x s8 products: top-1 agreement 89.6% instead of 95.5% on an AVX2 machine). Only the model
+  is quantized: the preprocessing nodes in front of the first convolution and the final softmax
+  stay float. Calibration images go through the artifact's own input, decoded and resized by
+  `serving.images.load_image` (the one implementation).
 - fp16: `onnxruntime.transformers.float16` with the input and outputs kept as they are and the
   preprocessing and softmax blocked (float32).
 
@@ -33,6 +34,7 @@ PRECISIONS = (FP32, INT8, FP16)
 REDUCED = (INT8, FP16)
 PRECISION_KEY = "precision"
 MIN_CALIBRATION_IMAGES = 16
+CALIBRATION_COUNT = 64
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 FLOAT_OPS = ("Softmax",)  # kept float32 in every variant (besides the preprocessing)
 
@@ -218,6 +220,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--calibration-images", type=Path,
                         help="int8 (required): a folder of images, those its manifest.csv lists if it has one")
     parser.add_argument("--min-calibration-images", type=int, default=MIN_CALIBRATION_IMAGES)
+    parser.add_argument("--calibration-count", type=int, default=CALIBRATION_COUNT,
+                        help=f"int8: at most this many calibration images (default {CALIBRATION_COUNT})")
     args = parser.parse_args(argv)
     from serving.artifact import ArtifactError, read_metadata
 
@@ -231,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.precision == INT8 and args.calibration_images is None:
             raise VariantError(f"int8 needs --calibration-images DIR: a folder of at least {args.min_calibration_images} "
                                "images like the ones the model will see (never its evaluation images)")
-        calibration = image_files(args.calibration_images) if args.precision == INT8 else []
+        calibration = image_files(args.calibration_images)[:args.calibration_count] if args.precision == INT8 else []
         built = build_variant(args.source, args.precision, args.output, calibration, args.min_calibration_images)
     except (VariantError, ArtifactError) as error:
         print(f"error: {error}", file=sys.stderr)
