@@ -102,7 +102,8 @@ def stage_metrics(timings: dict[str, float]) -> dict[str, float]:
     return {f"stage/{name.replace(' ', '_')}_s": seconds for name, seconds in timings.items()}
 
 
-def model_card(params: ReleaseParams, meta, parity, accuracy, bench: BenchmarkResult, simplified) -> str:
+def model_card(params: ReleaseParams, meta, parity, accuracy, bench: BenchmarkResult, simplified,
+               precision: str = "fp32") -> str:
     b1 = bench.row(ENGINE_ORT_DECODE, 1)
     return "\n".join([
         f"# Model card: {params.model_name}",
@@ -111,6 +112,7 @@ def model_card(params: ReleaseParams, meta, parity, accuracy, bench: BenchmarkRe
         f"- Weights: {params.weights or 'bundled pretrained default'} (sha256 `{meta.weights_sha256}`)",
         f"- ONNX opset {meta.opset}, exported {meta.exported_at}, onnxship {meta.onnxship_version}; "
         f"simplified: {simplified.simplified} ({simplified.nodes_before} -> {simplified.nodes_after} nodes)",
+        f"- Precision: {precision} (the variant the gate chose; parity below is the fp32 export's)",
         "",
         "## Contract",
         f"- input `images`: uint8 [batch, {meta.input_size}, {meta.input_size}, 3], {meta.layout} RGB 0..255; "

@@ -100,13 +100,16 @@ def benchmark_stage(candidate: Classifier, references, params: ReleaseParams, lo
         torch_module=loaded.module if settings.include_torch else None, progress=progress_printer("benchmark"),
     )
     others = {}
-    for variant in variants.variants[1:]:
-        if variant.usable:
+    for variant in (v for v in variants.variants[1:] if v.usable):
+        try:
             others[variant.precision] = benchmark_artifact(
                 variant.classifier, images, settings.batch_sizes, settings.duration_s, settings.warmup_calls,
                 progress=progress_printer(f"benchmark {variant.precision}"))
             variant.speedup = paired_speedup(candidate, variant.classifier, images,
                                              duration_s=max(0.5, min(10.0, 3 * settings.duration_s)))
+        except Exception as error:  # a variant that cannot be timed is refused; fp32 goes on
+            others.pop(variant.precision, None)
+            variant.refused = f"{variant.precision} failed in the benchmark: {type(error).__name__}: {error}"[:400]
     plot_benchmark(result, plot_path, title=f"{params.model_name} ({params.arch}), CPU, in-process", variants=others)
     return result, others
 
@@ -223,7 +226,8 @@ def run_stages(params: ReleaseParams) -> dict:
                 candidate = chosen.classifier
         del loaded
         with stages.run("register"):
-            run.log_artifacts({"model_card.md": model_card(params, exported.metadata, parity, accuracy, bench, simplified)})
+            run.log_artifacts({"model_card.md": model_card(params, exported.metadata, parity, accuracy, bench, simplified,
+                                                         chosen.precision)})
             registered, registered_path = register_stage(params, run, chosen.path, exported.metadata, workdir,
                                                          chosen.precision)
             summary.version = registered.version

@@ -94,10 +94,12 @@ def prepare_variants(params: ReleaseParams, loaded, fp32, fp32_path: Path, refer
         evaluation, eval_dir = evaluation_images(params, references)
     except ReferenceSetError as error:  # validation checked the folder; it changed since
         raise VariantError(f"evaluation images: {error}") from None
+    split, calibration_error = ImageSplit(evaluation, [], f"{eval_dir} ({len(evaluation)} images)"), None
     if INT8 in precisions:
-        split = split_images(evaluation, eval_dir, params.calibration_images, budget.calibration_count)
-    else:
-        split = ImageSplit(evaluation, [], f"{eval_dir} ({len(evaluation)} images)")
+        try:
+            split = split_images(evaluation, eval_dir, params.calibration_images, budget.calibration_count)
+        except (VariantError, OSError) as error:  # the calibration folder went away or cannot be read
+            calibration_error = f"calibration images: {error}"
     say(f"      target device {device}: {', '.join(precisions)}; {split.how}")
     reference = torch_reference(loaded, fp32, split.evaluation)
     result = VariantSet(device, split, [Variant(FP32, fp32_path, fp32, measure_agreement(fp32, reference),
@@ -112,6 +114,8 @@ def prepare_variants(params: ReleaseParams, loaded, fp32, fp32_path: Path, refer
                 "will see, with a manifest.csv (file[,class_index]; labels optional)")
             continue
         try:
+            if precision == INT8 and calibration_error:
+                raise VariantError(calibration_error)
             built = build_variant(fp32_path, precision, workdir / f"model.{precision}.onnx", split.calibration,
                                   budget.min_calibration_images)
             variant.path, variant.size_bytes, variant.build_s, variant.notes = (
