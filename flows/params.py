@@ -65,6 +65,22 @@ class GateThresholds(Settings):
     )
 
 
+class VariantBudget(Settings):
+    """When a reduced-precision variant (int8, fp16) may replace fp32: the gate takes the fastest variant
+    for the target's device that stays inside every line (README "Variants: int8 and fp16")."""
+
+    min_top1_agreement: float = Field(
+        0.95, ge=0, le=1, description="top-1 agreement with PyTorch on the evaluation images (int8 measured: 95.5%)")
+    max_accuracy_drop: float = Field(
+        0.02, ge=0, le=1, description="top-1 accuracy drop vs fp32 on the labelled evaluation images (one image "
+        "of 67 is 1.5 points)")
+    min_eval_images: int = Field(50, ge=1, description="fewer evaluation images: fp32 is kept, the variant not built")
+    min_speedup: float = Field(
+        1.05, gt=0, description="times fp32's speed at batch 1, measured here (CPU targets; unmeasured on cuda targets)")
+    calibration_count: int = Field(64, ge=1, description="int8: at most this many calibration images")
+    min_calibration_images: int = Field(16, ge=1, description="int8: fewer readable calibration images refuse it")
+
+
 class BenchmarkSettings(Settings):
     batch_sizes: tuple[int, ...] = (1, 4, 8)
     duration_s: float = Field(2.0, gt=0, le=600, description="seconds of timed calls per batch size and mode")
@@ -134,6 +150,13 @@ class ReleaseParams(Settings):
     output_dir: Path = Path("models")
     parity: ParitySettings = ParitySettings()
     gate: GateThresholds = GateThresholds()
+    variants: tuple[Literal["fp32", "int8", "fp16"], ...] | None = Field(
+        None, description="precisions to build (fp32 always): None = fp32,int8 for a CPU target, fp32,fp16 for cuda")
+    eval_images: Path | None = Field(
+        None, description="folder with manifest.csv (file[,class_index]) judging the variants (None: the reference images)")
+    calibration_images: Path | None = Field(
+        None, description="int8 calibration images (None or = eval_images: every third evaluation image, kept out of it)")
+    variant_budget: VariantBudget = VariantBudget()
     benchmark: BenchmarkSettings = BenchmarkSettings()
     target: str = "local"
     server: ServerSettings = ServerSettings()
@@ -142,3 +165,10 @@ class ReleaseParams(Settings):
     tracking_uri: str | None = Field(None, description="None: MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db")
     experiment: str | None = Field(None, description="MLflow experiment (None: the model name)")
     state_dir: Path = Field(DEFAULT_STATE_DIR, description="where the local server's pid/url/key file lives")
+
+    @field_validator("variants")
+    @classmethod
+    def fp32_first(cls, variants: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if variants is None:
+            return None
+        return ("fp32", *sorted(set(variants) - {"fp32"}, key=("int8", "fp16").index))  # fp32: the baseline

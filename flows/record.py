@@ -102,7 +102,8 @@ def stage_metrics(timings: dict[str, float]) -> dict[str, float]:
     return {f"stage/{name.replace(' ', '_')}_s": seconds for name, seconds in timings.items()}
 
 
-def model_card(params: ReleaseParams, meta, parity, accuracy, bench: BenchmarkResult, simplified) -> str:
+def model_card(params: ReleaseParams, meta, parity, accuracy, bench: BenchmarkResult, simplified,
+               precision: str = "fp32") -> str:
     b1 = bench.row(ENGINE_ORT_DECODE, 1)
     return "\n".join([
         f"# Model card: {params.model_name}",
@@ -111,6 +112,7 @@ def model_card(params: ReleaseParams, meta, parity, accuracy, bench: BenchmarkRe
         f"- Weights: {params.weights or 'bundled pretrained default'} (sha256 `{meta.weights_sha256}`)",
         f"- ONNX opset {meta.opset}, exported {meta.exported_at}, onnxship {meta.onnxship_version}; "
         f"simplified: {simplified.simplified} ({simplified.nodes_before} -> {simplified.nodes_after} nodes)",
+        f"- Precision: {precision} (the variant the gate chose; parity below is the fp32 export's)",
         "",
         "## Contract",
         f"- input `images`: uint8 [batch, {meta.input_size}, {meta.input_size}, 3], {meta.layout} RGB 0..255; "
@@ -188,3 +190,49 @@ def prefect_ui_hint() -> str | None:
         return f"{ui}/runs/flow-run/{flow_run.id}"
     except Exception:
         return None
+
+
+VARIANT_STATS = ("p50_ms", "p95_ms", "p99_ms", "img_per_s")
+
+
+def log_variant_runs(run: ReleaseRun, params: ReleaseParams, variants, choice, benches: dict[str, BenchmarkResult]) -> list[dict]:
+    """One child run per variant under the release's run, every one with the same metric keys (NaN where a
+    refused variant has no figure), so `mlflow ui` compares them side by side; returns the report's rows."""
+    nan = math.nan
+    fp32 = variants.fp32.agreement
+    rows = []
+    for variant in variants.variants:
+        a, bench = variant.agreement, benches.get(variant.precision)
+        speedup = 1.0 if variant is variants.fp32 else variant.speedup
+        metrics = {
+            "variant/built": 1.0 if variant.usable else 0.0,
+            "variant/chosen": 1.0 if variant.precision == choice.chosen else 0.0,
+            "variant/top1_agreement": a.top1_agreement if a else nan,
+            "variant/top5_agreement": a.top5_agreement if a else nan,
+            "variant/top1_accuracy": a.accuracy if a and a.labelled else nan,
+            "variant/top5_accuracy": a.top5_accuracy if a and a.labelled else nan,
+            "variant/accuracy_drop": fp32.accuracy - a.accuracy if a and a.labelled and fp32.labelled else nan,
+            "variant/eval_images_count": float(len(variants.split.evaluation)),
+            "variant/speedup": speedup if speedup is not None else nan,
+            "variant/size_mb": variant.size_bytes / 1e6 if variant.size_bytes else nan,
+        }
+        for size in params.benchmark.batch_sizes:
+            for key in ("ort", "ort_decode"):
+                row = next((r for r in bench.rows if r.key == f"{key}_b{size}"), None) if bench else None
+                values = (row.p50_ms, row.p95_ms, row.p99_ms, row.throughput) if row else (nan,) * 4
+                metrics.update({f"benchmark/{key}_b{size}_{stat}": value for stat, value in zip(VARIANT_STATS, values)})
+        verdict = choice.verdicts.get(variant.precision, "")
+        reasons = "\n".join(choice.decisions.get(variant.precision, []))
+        child = registry.start_run(run.client, run.experiment_id, f"{params.model_name} {variant.precision}", {
+            "mlflow.parentRunId": run.run_id, "onnxship.variant": "true", "precision": variant.precision,
+            "variant.verdict": verdict, "variant.reasons": reasons or "the baseline", "target_device": variants.device})
+        run.client.log_param(child, "precision", variant.precision)
+        registry.log_metrics(run.client, child, metrics)
+        registry.end_run(run.client, child, "FINISHED")
+        rows.append({"precision": variant.precision, "verdict": verdict, "run_id": child,
+                     "why": choice.why(variant.precision),
+                     **{key.split("/", 1)[1]: value for key, value in metrics.items()
+                        if key.startswith("variant/") or key == "benchmark/ort_b1_img_per_s"}})
+    run.client.set_tag(run.run_id, "precision", choice.chosen)
+    run.log_artifacts({"variants.json": {**variants.to_dict(), "choice": choice.to_dict()}})
+    return rows

@@ -1,6 +1,7 @@
 """The release flow: one Prefect task per stage, in the order a model travels.
 
-    validate -> export -> simplify -> parity -> benchmark -> register -> gate -> deploy -> smoke test -> promote
+    validate -> export -> simplify -> parity -> variants -> benchmark -> register -> gate -> deploy -> smoke test
+    -> promote
 
 `make release` runs it with the defaults (Prefect without a server, MLflow in mlruns/, the local
 target on 127.0.0.1:8192); `prefect deployment run 'release/local'` runs it on a worker.
@@ -29,11 +30,14 @@ from flows import registry, report
 from flows.deploy import Endpoint, ModelVersion, deploy
 from flows.lock import ReleaseBusy, ensure_free, release_lock
 from flows.params import ParameterError, ReleaseParams
-from flows.record import ReleaseRun, graph_metrics, model_card, record_outcome, run_params
+from flows.record import ReleaseRun, graph_metrics, log_variant_runs, model_card, record_outcome, run_params
 from flows.reference import load_references
 from flows.report import ReleaseSummary, Stages, progress_printer, say
-from flows.stages.benchmark import ENGINE_ORT_DECODE, BenchmarkResult, benchmark_artifact, plot_benchmark
-from flows.stages.gate import CandidateFigures, GateVerdict, compare_with_champion, evaluate_gate
+from flows.stages.benchmark import (ENGINE_ORT_DECODE, BenchmarkResult, benchmark_artifact, paired_speedup,
+                                    plot_benchmark)
+from flows.stages.evaluate import VariantSet, prepare_variants
+from flows.stages.gate import CandidateFigures, GateVerdict, choose_variant, compare_with_champion, evaluate_gate
+from flows.stages.accuracy import measure_accuracy
 from flows.stages.smoke import SmokeResult, SmokeTestFailed, run_smoke_test
 from flows.validate import validate_once
 from serving.artifact import file_sha256
@@ -70,7 +74,6 @@ def simplify_stage(raw: Path, output: Path):
 
 @task(name="parity", timeout_seconds=600, cache_policy=NO_CACHE)
 def parity_stage(loaded, candidate: Classifier, references, params: ReleaseParams):
-    from flows.stages.accuracy import measure_accuracy
     from flows.stages.parity import ParityTolerances, check_parity
 
     tolerances = ParityTolerances(params.parity.min_top1_agreement, params.parity.max_prob_diff)
@@ -78,23 +81,45 @@ def parity_stage(loaded, candidate: Classifier, references, params: ReleaseParam
     return parity, measure_accuracy(candidate, references)
 
 
+@task(name="variants", timeout_seconds=1800, cache_policy=NO_CACHE)
+def variants_stage(params: ReleaseParams, loaded, candidate: Classifier, path: Path, references, workdir: Path):
+    """fp32 and the reduced-precision variants for the target's device, each judged against PyTorch
+    on the evaluation images; a variant that fails is refused with its reason, fp32 continues."""
+    return prepare_variants(params, loaded, candidate, path, references, workdir, say)
+
+
 @task(name="benchmark", timeout_seconds=1800, cache_policy=NO_CACHE)
-def benchmark_stage(candidate: Classifier, references, params: ReleaseParams, loaded, plot_path: Path) -> BenchmarkResult:
+def benchmark_stage(candidate: Classifier, references, params: ReleaseParams, loaded, plot_path: Path,
+                    variants: VariantSet) -> tuple[BenchmarkResult, dict[str, BenchmarkResult]]:
+    """fp32 (and PyTorch), then every usable reduced-precision variant, and each variant's speed-up
+    against fp32 measured in alternating rounds; one plot with all of them."""
     settings = params.benchmark
+    images = [r.path for r in references]
     result = benchmark_artifact(
-        candidate, [r.path for r in references], settings.batch_sizes, settings.duration_s, settings.warmup_calls,
+        candidate, images, settings.batch_sizes, settings.duration_s, settings.warmup_calls,
         torch_module=loaded.module if settings.include_torch else None, progress=progress_printer("benchmark"),
     )
-    plot_benchmark(result, plot_path, title=f"{params.model_name} ({params.arch}), CPU, in-process")
-    return result
+    others = {}
+    for variant in (v for v in variants.variants[1:] if v.usable):
+        try:
+            others[variant.precision] = benchmark_artifact(
+                variant.classifier, images, settings.batch_sizes, settings.duration_s, settings.warmup_calls,
+                progress=progress_printer(f"benchmark {variant.precision}"))
+            variant.speedup = paired_speedup(candidate, variant.classifier, images,
+                                             duration_s=max(0.5, min(10.0, 3 * settings.duration_s)))
+        except Exception as error:  # a variant that cannot be timed is refused; fp32 goes on
+            others.pop(variant.precision, None)
+            variant.refused = f"{variant.precision} failed in the benchmark: {type(error).__name__}: {error}"[:400]
+    plot_benchmark(result, plot_path, title=f"{params.model_name} ({params.arch}), CPU, in-process", variants=others)
+    return result, others
 
 
 @task(name="register", timeout_seconds=600, cache_policy=NO_CACHE)
-def register_stage(params: ReleaseParams, run: ReleaseRun, onnx_path: Path, meta, workdir: Path):
+def register_stage(params: ReleaseParams, run: ReleaseRun, onnx_path: Path, meta, workdir: Path, precision: str):
     """The ONNX model logged to the release's run and registered as a new version (@candidate). What gate,
     deploy and smoke test use afterwards is the registered file itself, fetched back from the registry."""
     tags = {"arch": params.arch, "weights_sha256": meta.weights_sha256, "git_commit": run.git_commit,
-            "gate.verdict": "pending"}
+            "gate.verdict": "pending", "precision": precision}
     registered = registry.register_release(run.client, params.model_name, run.experiment_id, run.run_id, onnx_path, tags)
     run.name_version(registered.version)
     local = registry.download_version(run.client, params.model_name, registered.version,
@@ -181,15 +206,30 @@ def run_stages(params: ReleaseParams) -> dict:
             run.log_metrics({**parity.metrics(), **accuracy.metrics()})
             run.log_artifacts({"parity_report.json": parity.to_dict(), "accuracy.json": accuracy.to_dict()})
             say(f"      {parity.summary()}; reference accuracy {accuracy.correct}/{accuracy.total}")
+        with stages.run("variants"):
+            variants = variants_stage(params, loaded, candidate, simplified.path, references, workdir)
         with stages.run("benchmark"):
-            bench = benchmark_stage(candidate, references, params, loaded, workdir / "benchmark.png")
+            bench, variant_benches = benchmark_stage(candidate, references, params, loaded, workdir / "benchmark.png",
+                                                     variants)
             summary.benchmark, summary.plot_path = bench.to_dict(), str(workdir / "benchmark.png")
             run.log_metrics(bench.metrics())
             run.log_artifacts({"benchmark.json": bench.to_dict(), "benchmark": workdir / "benchmark.png"})
+            choice = choose_variant(variants.variants, params.variant_budget, variants.device)
+            chosen = variants.get(choice.chosen)
+            summary.variants = log_variant_runs(run, params, variants, choice, {"fp32": bench, **variant_benches})
+            summary.variant_images = variants.split.how
+            for line in choice.lines():
+                say(f"      {line}")
+            if chosen is not variants.fp32:  # the gate judges what ships: the chosen variant
+                accuracy = measure_accuracy(chosen.classifier, references)
+                bench = variant_benches[chosen.precision]
+                candidate = chosen.classifier
         del loaded
         with stages.run("register"):
-            run.log_artifacts({"model_card.md": model_card(params, exported.metadata, parity, accuracy, bench, simplified)})
-            registered, registered_path = register_stage(params, run, simplified.path, exported.metadata, workdir)
+            run.log_artifacts({"model_card.md": model_card(params, exported.metadata, parity, accuracy, bench, simplified,
+                                                         chosen.precision)})
+            registered, registered_path = register_stage(params, run, chosen.path, exported.metadata, workdir,
+                                                         chosen.precision)
             summary.version = registered.version
             say(f"      registered models:/{params.model_name}/{registered.version} (@candidate), run {registered.run_id}")
         with stages.run("gate"):
@@ -211,7 +251,7 @@ def run_stages(params: ReleaseParams) -> dict:
             say(f"      serving at {endpoint.url}")
         with stages.run("smoke test"):
             expected = [replace(ref, expected_class=cls, label=candidate.labels[cls])
-                        for ref, cls in zip(references, parity.onnx_classes())]
+                        for ref, cls in zip(references, answers(candidate, references))]
             try:
                 smoke = smoke_stage(endpoint, expected, params)
             except SmokeTestFailed:
@@ -235,6 +275,11 @@ def run_stages(params: ReleaseParams) -> dict:
     return {"outcome": summary.outcome, "version": summary.version, "run_id": summary.run_id,
             "verdict": summary.verdict, "reasons": summary.reasons, "endpoint": summary.endpoint_url,
             "previous_champion": summary.previous_champion, "timings": summary.timings}
+
+
+def answers(classifier: Classifier, references) -> list[int]:
+    """The artifact's top-1 class per reference image, in order: what the deployment must answer."""
+    return [int(classifier.predict(classifier.load_input(ref.path)).argmax()) for ref in references]
 
 
 def current_flow_run() -> str | None:

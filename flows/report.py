@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from flows.stages.benchmark import ENGINE_ORT, ENGINE_ORT_DECODE, ENGINE_TORCH
 
-STAGES = ("validate", "export", "simplify", "parity", "benchmark", "register", "gate", "deploy", "smoke test", "promote")
+STAGES = ("validate", "export", "simplify", "parity", "variants", "benchmark", "register", "gate", "deploy", "smoke test", "promote")
 CONSOLE = False  # True when run from the command line: progress goes to stdout instead of the Prefect log
 
 
@@ -94,6 +94,8 @@ class ReleaseSummary:
     smoke: dict | None = None
     timings: dict[str, float] = field(default_factory=dict)
     plot_path: str | None = None
+    variants: list[dict] | None = None  # one row per precision (flows.record.log_variant_runs)
+    variant_images: str | None = None  # where the evaluation and calibration images came from
 
     def record_endpoint(self, endpoint) -> None:
         """Where the release now serves (a flows.deploy.Endpoint); the key itself is shown only when generated."""
@@ -133,6 +135,21 @@ def latency_table(benchmark: dict) -> list[str]:
     return lines
 
 
+def variant_table(rows: list[dict]) -> list[str]:
+    """Every variant side by side: speed, agreement with PyTorch, accuracy, size, and the gate's verdict."""
+    def num(value, fmt: str) -> str:
+        return "-" if value is None or value != value else format(value, fmt)
+
+    lines = ["| precision | ORT img/s (b1) | speed-up | top-1 agreement | top-5 agreement | top-1 accuracy "
+             "| size MB | verdict |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        why = f": {r['why']}" if r.get("why") else ""
+        lines.append(f"| {r['precision']} | {num(r.get('ort_b1_img_per_s'), '.0f')} | {num(r.get('speedup'), '.2f')}x "
+                     f"| {num(r.get('top1_agreement'), '.1%')} | {num(r.get('top5_agreement'), '.1%')} "
+                     f"| {num(r.get('top1_accuracy'), '.1%')} | {num(r.get('size_mb'), '.1f')} | {r['verdict']}{why} |")
+    return lines
+
+
 def build_markdown(s: ReleaseSummary) -> str:
     icon = {"promoted": "✅", "rejected": "⛔", "failed": "❌"}.get(s.outcome, "⏳")
     lines = [f"# {icon} {s.title}", ""]
@@ -156,6 +173,9 @@ def build_markdown(s: ReleaseSummary) -> str:
         lines.append(f"| graph nodes | {s.nodes[0]} -> {s.nodes[1]}{extra} |")
     if s.reasons:
         lines += ["", "### Gate checks", ""] + [f"- {r}" for r in s.reasons]
+    if s.variants:
+        lines += ["", "### Variants (the gate ships the chosen one)", "", f"Images: {s.variant_images}.", ""]
+        lines += variant_table(s.variants)
     if s.parity:
         p = s.parity
         lines += ["", f"### Parity: PyTorch vs ONNX Runtime ({p['images']} images, batch sizes "
@@ -211,6 +231,8 @@ def build_console(s: ReleaseSummary, prefect_ui: str | None) -> str:
         best = max((r for r in s.benchmark.get("rows", []) if r["engine"] == ENGINE_ORT), key=lambda r: r["throughput"], default=None)
         if best:
             figures.append(f"best ORT throughput {best['throughput']:.0f} img/s at batch {best['batch_size']}")
+    for row in s.variants or []:
+        figures.append(f"{row['precision']}: {row['verdict']}" + (f" ({row['why']})" if row.get("why") else ""))
     for index, figure in enumerate(figures):
         lines.append(f" {'figures' if index == 0 else '':10} {figure}")
     if s.endpoint_url:

@@ -43,7 +43,7 @@ def validate_release_params(params: ReleaseParams) -> list[str]:
 
     problems: list[str] = []
     notes: list[str] = []
-    checks = [check_arch, check_weights, check_references, check_output_dir, check_mlflow_store]
+    checks = [check_arch, check_weights, check_references, check_eval_images, check_calibration_images, check_output_dir, check_mlflow_store]
     try:
         checks.append(get_target(params.target).check)
     except ParameterError as error:
@@ -119,6 +119,26 @@ def check_references(params: ReleaseParams) -> None:
         raise ParameterError(
             f"reference manifest {manifest}: no image has an expected class, so accuracy cannot be gated"
         )
+
+
+def check_eval_images(params: ReleaseParams) -> None:
+    """--eval-images: a folder whose manifest.csv lists existing images (labels optional)."""
+    from flows.reference import ReferenceSetError, load_reference_set
+
+    if params.eval_images is not None:
+        if not params.eval_images.is_dir():
+            raise ParameterError(f"eval_images {params.eval_images}: no such directory (a folder of images with a "
+                                 "manifest.csv: file[,class_index])")
+        try:
+            load_reference_set(params.eval_images)
+        except ReferenceSetError as error:
+            raise ParameterError(f"eval_images {params.eval_images}: {error}") from None
+
+
+def check_calibration_images(params: ReleaseParams) -> None:
+    if params.calibration_images is not None and not params.calibration_images.is_dir():
+        raise ParameterError(f"calibration_images {params.calibration_images}: no such directory (a folder of images, "
+                             "never the evaluation images)")
 
 
 def check_output_dir(params: ReleaseParams) -> None:

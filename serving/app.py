@@ -78,7 +78,7 @@ class ModelInfo:
             "file": self.path.name, "sha256": self.sha256, "arch": md.arch, "input_size": md.input_size,
             "layout": md.layout, "resize_policy": md.resize_policy, "num_classes": md.num_classes,
             "weights_sha256": md.weights_sha256, "exported_at": md.exported_at, "opset": md.opset,
-            "onnxship_version": md.onnxship_version, "device": self.device, "providers": providers,
+            "onnxship_version": md.onnxship_version, "precision": md.precision, "device": self.device, "providers": providers,
             "workers": workers,
             "batching": {"workers": cfg.workers, "max_batch_size": cfg.max_batch_size,
                          "batch_timeout": cfg.batch_timeout, "max_images_per_request": cfg.max_images_per_request},

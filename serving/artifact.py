@@ -51,6 +51,7 @@ class ArtifactMetadata:
     exported_at: str  # ISO 8601, UTC
     opset: int
     onnxship_version: str
+    precision: str = "fp32"  # "fp32" | "int8" | "fp16": flows/stages/variants.py; absent in older files
 
     @property
     def num_classes(self) -> int:
@@ -84,6 +85,7 @@ class ArtifactMetadata:
                 exported_at=props["exported_at"],
                 opset=int(props["opset"]),
                 onnxship_version=props["onnxship_version"],
+                precision=props.get("precision", "fp32"),
             )
         except (ValueError, TypeError) as error:
             raise ArtifactError(f"{source} has malformed onnxship metadata: {error}") from None

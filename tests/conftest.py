@@ -12,6 +12,9 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 IMAGES_DIR = REPO_ROOT / "data" / "images"
+# never in the repository; ../shared beside the checkout (CI), or ONNXSHIP_SHARED_DIR (a git worktree elsewhere)
+SHARED_DIR = Path(os.environ.get("ONNXSHIP_SHARED_DIR") or REPO_ROOT.parent / "shared")
+DEV_IMAGES = SHARED_DIR / "data" / "imagenet-sample-dev"
 
 
 @pytest.fixture(scope="session")
@@ -45,3 +48,51 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session")
+def dev_images() -> Path:
+    """101 labelled ImageNet photos outside the repository (CI has ../shared)."""
+    if not (DEV_IMAGES / "manifest.csv").is_file():
+        pytest.skip(f"{DEV_IMAGES} is absent: the variant tests need real labelled photos (CI has ../shared)")
+    return DEV_IMAGES
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    from flows.model.zoo import DEFAULT_ARCH, load_model
+
+    return load_model(DEFAULT_ARCH)
+
+
+def linked_folder(folder: Path, rows: list[dict], source: Path, manifest: bool) -> Path:
+    folder.mkdir(parents=True)
+    for row in rows:
+        (folder / row["file"]).symlink_to(source / row["file"])
+    if manifest:
+        lines = ["file,class_index"] + [f"{row['file']},{row['class_index']}" for row in rows]
+        (folder / "manifest.csv").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def variant_set(default_artifact, default_model, dev_images, tmp_path_factory):
+    """fp32, int8 and fp16 of the default artifact, built and judged by the release's variants stage
+    with its default budget: 50 labelled evaluation photos, 16 other photos to calibrate int8."""
+    import csv
+
+    from flows.params import ReleaseParams
+    from flows.reference import load_references
+    from flows.stages.evaluate import prepare_variants
+    from serving.runtime import Classifier
+
+    with (dev_images / "manifest.csv").open(newline="") as stream:
+        rows = sorted(csv.DictReader(stream), key=lambda row: row["file"])
+    root = tmp_path_factory.mktemp("variants")
+    params = ReleaseParams(
+        variants=("fp32", "int8", "fp16"), server={"device": "cpu"},
+        eval_images=linked_folder(root / "eval", rows[:50], dev_images, manifest=True),
+        calibration_images=linked_folder(root / "calibration", rows[50:66], dev_images, manifest=False),
+    )
+    fp32 = Classifier(default_artifact, device="cpu")
+    return prepare_variants(params, default_model, fp32, default_artifact, load_references(), root, say=lambda _: None)

@@ -185,10 +185,37 @@ def compare_latency(
     return round(float(np.median(p95s[0])), 3), round(float(np.median(p95s[1])), 3), round(ratio, 4)
 
 
-def plot_benchmark(result: BenchmarkResult, path: Path, title: str = "") -> Path:
+def paired_speedup(baseline: Classifier, variant: Classifier, image_paths: Sequence[Path], duration_s: float = 3.0,
+                   min_pairs: int = 20) -> float:
+    """How many times faster `variant` computes than `baseline` at batch 1, decode excluded: calls alternate
+    one by one (the order flipping from pair to pair), so a burst of other programs' load falls on both
+    calls of a pair; the result is the median of the per-pair time ratios."""
+    batch = baseline.load_input(Path(image_paths[0]).read_bytes())[None]
+    for model in (baseline, variant):
+        model.predict(batch)
+
+    def timed(model) -> float:
+        started = time.perf_counter()
+        model.predict(batch)
+        return time.perf_counter() - started
+
+    ratios: list[float] = []
+    deadline = time.perf_counter() + duration_s
+    while len(ratios) < min_pairs or time.perf_counter() < deadline:
+        if len(ratios) % 2:
+            variant_s, baseline_s = timed(variant), timed(baseline)
+        else:
+            baseline_s, variant_s = timed(baseline), timed(variant)
+        ratios.append(baseline_s / variant_s)
+    return round(float(np.median(ratios)), 3)
+
+
+def plot_benchmark(result: BenchmarkResult, path: Path, title: str = "",
+                   variants: dict[str, BenchmarkResult] | None = None) -> Path:
     """Two panels (PNG, matplotlib Agg): ONNX Runtime latency per call as p50 bars with p95 whiskers per
     batch size, value on each bar; throughput of every engine, PyTorch included. PyTorch stays out of
-    the latency panel: its occasional second-long calls would flatten the ONNX Runtime bars to zero."""
+    the latency panel: its occasional second-long calls would flatten the ONNX Runtime bars to zero.
+    `variants` (precision -> its result) adds each reduced-precision artifact's ONNX Runtime figures."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -197,22 +224,29 @@ def plot_benchmark(result: BenchmarkResult, path: Path, title: str = "") -> Path
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sizes = sorted({r.batch_size for r in result.rows})
-    latency_engines = [e for e in (ENGINE_ORT, ENGINE_ORT_DECODE) if any(r.engine == e for r in result.rows)]
+    suffix = " fp32" if variants else ""
+    latency_series = [(f"{e}{suffix}", result, e) for e in (ENGINE_ORT, ENGINE_ORT_DECODE)
+                      if any(r.engine == e for r in result.rows)]
+    latency_series += [(f"{ENGINE_ORT} {precision}", other, ENGINE_ORT) for precision, other in (variants or {}).items()]
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    width = 0.8 / max(1, len(latency_engines))
-    for index, engine in enumerate(latency_engines):
-        rows = [result.row(engine, size) for size in sizes]
-        xs = [i + (index - (len(latency_engines) - 1) / 2) * width for i in range(len(sizes))]
+    width = 0.8 / max(1, len(latency_series))
+    for index, (label, source, engine) in enumerate(latency_series):
+        rows = [source.row(engine, size) for size in sizes]
+        xs = [i + (index - (len(latency_series) - 1) / 2) * width for i in range(len(sizes))]
         p50 = [r.p50_ms if r else 0 for r in rows]
         whisker = [(r.p95_ms - r.p50_ms) if r else 0 for r in rows]
-        bars = left.bar(xs, p50, width * 0.9, yerr=[[0] * len(rows), whisker], capsize=4, label=f"{engine} (p50, p95)")
+        bars = left.bar(xs, p50, width * 0.9, yerr=[[0] * len(rows), whisker], capsize=4, label=f"{label} (p50, p95)")
         left.bar_label(bars, labels=[f"{v:.1f}" for v in p50], fontsize=8, padding=2)
     left.set_xticks(range(len(sizes)), [str(size) for size in sizes])
     left.set(xlabel="batch size", ylabel="ms per call", title="ONNX Runtime latency per call")
-    for engine in (ENGINE_ORT, ENGINE_ORT_DECODE, ENGINE_TORCH):
-        rows = sorted((r for r in result.rows if r.engine == engine), key=lambda r: r.batch_size)
+    throughput_series = [(e + (suffix if e != ENGINE_TORCH else ""), result, e)
+                         for e in (ENGINE_ORT, ENGINE_ORT_DECODE, ENGINE_TORCH)]
+    throughput_series += [(f"{e} {precision}", other, e) for precision, other in (variants or {}).items()
+                          for e in (ENGINE_ORT, ENGINE_ORT_DECODE)]
+    for label, source, engine in throughput_series:
+        rows = sorted((r for r in source.rows if r.engine == engine), key=lambda r: r.batch_size)
         if rows:
-            right.plot([r.batch_size for r in rows], [r.throughput for r in rows], marker="o", label=engine)
+            right.plot([r.batch_size for r in rows], [r.throughput for r in rows], marker="o", label=label)
     right.set(xlabel="batch size", ylabel="images / s", title="throughput (p50 call)")
     right.set_xticks(sizes)
     for axis in (left, right):

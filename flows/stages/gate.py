@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from flows.params import GateThresholds, ParitySettings
+from flows.params import GateThresholds, ParitySettings, VariantBudget
 from flows.stages.accuracy import measure_accuracy
 from flows.stages.benchmark import compare_latency
 from serving.runtime import Classifier
@@ -153,3 +153,85 @@ def compare_with_champion(
         candidate_p95_ms=candidate_p95,
         paired_ratio=ratio,
     )
+
+
+# ---------------------------------------------------------------- which precision ships
+
+
+@dataclass
+class VariantChoice:
+    chosen: str
+    device: str
+    decisions: dict[str, list[str]] = field(default_factory=dict)  # precision -> "ok: ..." / "FAIL: ..." lines
+    verdicts: dict[str, str] = field(default_factory=dict)  # precision -> baseline | chosen | eligible | refused
+
+    def why(self, precision: str) -> str:
+        """The failures that refused a variant, else the checks it passed ("" for the baseline)."""
+        reasons = self.decisions.get(precision, [])
+        failures = [r[6:] for r in reasons if r.startswith("FAIL")]
+        return "; ".join(failures) if failures else "; ".join(r.removeprefix("ok: ") for r in reasons)
+
+    def lines(self) -> list[str]:
+        """One line per variant: its verdict and the reason."""
+        return [f"{precision}: {verdict}" + (f" ({self.why(precision)})" if self.why(precision) else "")
+                for precision, verdict in self.verdicts.items()]
+
+    def to_dict(self) -> dict:
+        return {"chosen": self.chosen, "device": self.device, "verdicts": self.verdicts, "decisions": self.decisions}
+
+
+def choose_variant(variants: Sequence, budget: VariantBudget, device: str) -> VariantChoice:
+    """The fastest variant for the target's device that keeps the model's answers; fp32 otherwise.
+
+    CPU targets: speed is measured here (batch 1 against fp32, `speedup`), so a variant must be
+    at least `min_speedup` times faster (fp16 is slower on CPUs: never taken there). cuda targets: the
+    release measures on this machine's CPU, so the GPU speed of fp16 is not measured; fp16 is taken on
+    its agreement alone (half the bytes and tensor cores on every CUDA GPU we deploy to) and the serving
+    benchmark measures it on a GPU; int8 is taken for CPU targets only."""
+    fp32 = variants[0]
+    choice = VariantChoice(chosen=fp32.precision, device=device, verdicts={fp32.precision: "baseline"})
+    speeds = {fp32.precision: 1.0}
+    for variant in variants[1:]:
+        reasons = judge_variant(variant, fp32, budget, device)
+        choice.decisions[variant.precision] = reasons
+        if any(r.startswith("FAIL") for r in reasons):
+            choice.verdicts[variant.precision] = "refused"
+        else:
+            choice.verdicts[variant.precision] = "eligible"
+            speeds[variant.precision] = variant.speedup if variant.speedup is not None else 1.0 + 1e-6
+    choice.chosen = max(speeds, key=speeds.get)
+    if choice.chosen != fp32.precision:
+        choice.verdicts[choice.chosen] = "chosen"
+    else:
+        choice.verdicts[fp32.precision] = "chosen (baseline)"
+    return choice
+
+
+def judge_variant(variant, fp32, budget: VariantBudget, device: str) -> list[str]:
+    if variant.refused is not None or variant.agreement is None:
+        return [f"FAIL: {variant.refused or 'not evaluated'}"]
+    a, base = variant.agreement, fp32.agreement
+    reasons = [
+        check(a.images >= budget.min_eval_images, f"{a.images} evaluation images (min {budget.min_eval_images})"),
+        check(a.top1_agreement >= budget.min_top1_agreement,
+              f"top-1 agreement with PyTorch {a.top1_agreement:.1%} (min {budget.min_top1_agreement:.1%})"),
+    ]
+    if a.labelled and base.labelled:
+        drop = base.accuracy - a.accuracy
+        reasons.append(check(drop <= budget.max_accuracy_drop + 1e-9,
+                             f"top-1 accuracy {a.correct}/{a.labelled} = {a.accuracy:.1%} vs fp32 {base.accuracy:.1%} "
+                             f"(drop {100 * drop:.1f} points, max {100 * budget.max_accuracy_drop:.1f})"))
+    else:
+        reasons.append("ok: no labelled evaluation images: accuracy not judged, agreement only")
+    if device == "cpu":
+        if variant.speedup is None:
+            reasons.append("FAIL: speed not measured")
+        else:
+            reasons.append(check(variant.speedup >= budget.min_speedup,
+                                 f"{variant.speedup:.2f}x fp32's speed at batch 1 on this CPU (min {budget.min_speedup:.2f}x)"))
+    elif variant.precision == "fp16":
+        reasons.append("ok: GPU speed not measured here (the release benchmarks on CPU): taken on agreement, "
+                       "measured by the serving benchmark on a GPU")
+    else:
+        reasons.append(f"FAIL: {variant.precision} is taken for CPU targets only (this target runs on {device})")
+    return reasons

@@ -36,8 +36,8 @@ def first_release(prefect_harness, tmp_path_factory, fast_params):
 def test_good_release_becomes_champion_and_serves(first_release):
     params, outcome = first_release
     assert outcome["outcome"] == "promoted" and outcome["version"] == "1" and outcome["verdict"] == "pass"
-    assert list(outcome["timings"]) == ["validate", "export", "simplify", "parity", "benchmark", "register", "gate",
-                                        "deploy", "smoke test", "promote"]
+    assert list(outcome["timings"]) == ["validate", "export", "simplify", "parity", "variants", "benchmark", "register",
+                                        "gate", "deploy", "smoke test", "promote"]
     client = registry.connect(params.tracking_uri)
     assert registry.aliases(client, NAME) == {"candidate": "1", "champion": "1"}
     version = client.get_model_version(NAME, "1")
@@ -60,6 +60,12 @@ def test_good_release_becomes_champion_and_serves(first_release):
     assert state_is_alive(state) and state["version"] == "1"
     report = (params.output_dir / "release" / "report.md").read_text()
     assert "PROMOTED to @champion" in report and "| batch | ORT p50" in report
+    # the bundled photos alone are too few to judge int8: fp32 ships, and the report says why and what to do
+    assert version.tags["precision"] == "fp32" and run.data.tags["precision"] == "fp32"
+    assert "| int8 | - | -x |" in report and "refused: only 4 evaluation images (min 50): not built; give --eval-images" in report
+    children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+    assert {c.data.tags["precision"]: c.data.tags["variant.verdict"] for c in children} == {
+        "fp32": "chosen (baseline)", "int8": "refused"}
     from prefect.artifacts import Artifact
 
     artifact = Artifact.get("release-onnxship-classifier")  # the markdown a person reads in the UI
