@@ -130,6 +130,7 @@ class ModelDescription(TypedDict):
     exported_at: str
     opset: int
     onnxship_version: str
+    precision: Literal["fp32", "int8", "fp16"]
     device: str
     providers: list[str]
     workers: list[dict]
