@@ -8,7 +8,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from flows.stages.benchmark import ENGINE_ORT, ENGINE_ORT_DECODE, ENGINE_TORCH
+from flows.stages.benchmark import BUSY_SHARE, ENGINE_ORT, ENGINE_ORT_DECODE, ENGINE_TORCH
 
 STAGES = ("validate", "export", "simplify", "parity", "variants", "benchmark", "register", "gate", "deploy", "smoke test", "promote")
 CONSOLE = False  # True when run from the command line: progress goes to stdout instead of the Prefect log
@@ -135,6 +135,15 @@ def latency_table(benchmark: dict) -> list[str]:
     return lines
 
 
+def busy_machine_line(benchmark: dict) -> str:
+    """A warning when other programs competed for the CPU while the benchmark measured ("" otherwise)."""
+    share = benchmark.get("others_cpu_share")
+    if share is None or share <= BUSY_SHARE:
+        return ""
+    return (f"other programs used {share:.0%} of this machine's {benchmark.get('cores') or '?'} cores while it "
+            "measured: latencies include their interference (PyTorch's most: its threads wait for each other)")
+
+
 def variant_table(rows: list[dict]) -> list[str]:
     """Every variant side by side: speed, agreement with PyTorch, accuracy, size, and the gate's verdict."""
     def num(value, fmt: str) -> str:
@@ -185,6 +194,8 @@ def build_markdown(s: ReleaseSummary) -> str:
     if s.benchmark and s.benchmark.get("rows"):
         lines += ["", f"### Latency per call, in-process ({', '.join(s.benchmark.get('providers', []))})", ""]
         lines += latency_table(s.benchmark)
+        if busy_machine_line(s.benchmark):
+            lines += ["", f"> {busy_machine_line(s.benchmark)}"]
     if s.timings:
         lines += ["", "Stages: " + " · ".join(f"{name} {sec:.1f} s" for name, sec in s.timings.items())]
     return "\n".join(lines) + "\n"
@@ -231,6 +242,8 @@ def build_console(s: ReleaseSummary, prefect_ui: str | None) -> str:
         best = max((r for r in s.benchmark.get("rows", []) if r["engine"] == ENGINE_ORT), key=lambda r: r["throughput"], default=None)
         if best:
             figures.append(f"best ORT throughput {best['throughput']:.0f} img/s at batch {best['batch_size']}")
+        if busy_machine_line(s.benchmark):
+            figures.append(f"note: {busy_machine_line(s.benchmark)}")
     for row in s.variants or []:
         figures.append(f"{row['precision']}: {row['verdict']}" + (f" ({row['why']})" if row.get("why") else ""))
     for index, figure in enumerate(figures):

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+import psutil
 
 from serving.runtime import Classifier
 
@@ -23,6 +24,7 @@ ENGINE_ORT_DECODE = "onnxruntime+decode"
 ENGINE_TORCH = "pytorch"
 ENGINE_KEYS = {ENGINE_ORT: "ort", ENGINE_ORT_DECODE: "ort_decode", ENGINE_TORCH: "torch"}
 MIN_CALLS = 5
+BUSY_SHARE = 0.25  # other programs using more than this share of the machine make latency figures doubtful
 
 Progress = Callable[[str, float], None]  # (what, fraction done 0..1)
 
@@ -48,6 +50,7 @@ class BenchmarkResult:
     providers: list[str]
     threads: int | None
     seconds: float
+    others_cpu_share: float | None = None  # CPU other programs used meanwhile, share of all cores (OtherPrograms)
 
     def row(self, engine: str, batch_size: int) -> LatencyRow | None:
         return next((r for r in self.rows if r.engine == engine and r.batch_size == batch_size), None)
@@ -59,11 +62,45 @@ class BenchmarkResult:
             prefix = f"benchmark/{row.key}"
             out.update({f"{prefix}_p50_ms": row.p50_ms, f"{prefix}_p95_ms": row.p95_ms, f"{prefix}_p99_ms": row.p99_ms,
                         f"{prefix}_img_per_s": row.throughput})
+        if self.others_cpu_share is not None:
+            out["benchmark/other_programs_cpu_pct"] = round(100.0 * self.others_cpu_share, 1)
         return out
+
+    @property
+    def machine_was_busy(self) -> bool:
+        return (self.others_cpu_share or 0.0) > BUSY_SHARE
 
     def to_dict(self) -> dict:
         return {"rows": [asdict(r) for r in self.rows], "providers": self.providers, "threads": self.threads,
-                "seconds": self.seconds}
+                "seconds": self.seconds, "others_cpu_share": self.others_cpu_share, "cores": psutil.cpu_count()}
+
+
+class OtherPrograms:
+    """The CPU that programs other than this one used since it was created, as a share of all cores.
+
+    Latency figures taken while other programs compete for the cores are slower, and PyTorch's
+    multi-threaded kernels far slower (its OpenMP threads wait for each other at every layer when one
+    of them is descheduled: 2 busy processes on 2 cores made EfficientNet-Lite0 2.5 to 3x slower at
+    2 threads, 1 thread unaffected), so the report says when figures were taken on a busy machine."""
+
+    def __init__(self):
+        self.process = psutil.Process()
+        self.started = time.monotonic()
+        self.machine_busy, self.own = self.machine_busy_s(), self.own_s()
+
+    def share(self) -> float:
+        wall = time.monotonic() - self.started
+        others = (self.machine_busy_s() - self.machine_busy) - (self.own_s() - self.own)
+        return round(min(1.0, max(0.0, others / (wall * (psutil.cpu_count() or 1)))), 3) if wall > 0 else 0.0
+
+    @staticmethod
+    def machine_busy_s() -> float:
+        times = psutil.cpu_times()
+        return sum(getattr(times, name, 0.0) for name in ("user", "nice", "system", "irq", "softirq", "steal"))
+
+    def own_s(self) -> float:
+        times = self.process.cpu_times()
+        return times.user + times.system
 
 
 def time_calls(call: Callable[[], object], duration_s: float, warmup_calls: int = 1, min_calls: int = MIN_CALLS) -> list[float]:
@@ -100,7 +137,7 @@ def benchmark_artifact(
     progress: Progress | None = None,
 ) -> BenchmarkResult:
     """Benchmark the artifact's session (decode excluded and included) and, if given, the PyTorch module."""
-    started = time.perf_counter()
+    started, others = time.perf_counter(), OtherPrograms()
     meta = classifier.metadata
     encoded = [Path(p).read_bytes() for p in image_paths]
     if not encoded:
@@ -134,7 +171,7 @@ def benchmark_artifact(
                                         duration_s, warmup_calls))
             report(f"pytorch b{batch_size}")
     return BenchmarkResult(rows=rows, providers=list(classifier.providers), threads=classifier.intra_op_threads,
-                           seconds=round(time.perf_counter() - started, 2))
+                           seconds=round(time.perf_counter() - started, 2), others_cpu_share=others.share())
 
 
 def benchmark_torch(module, batch_uint8: np.ndarray, mean, std, duration_s: float, warmup_calls: int) -> LatencyRow:
