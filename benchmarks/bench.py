@@ -109,14 +109,15 @@ def bench_in_process_processes(model: Path, bodies: list[bytes], processes: int,
 
 
 def served_model(port: int) -> dict:
-    """What a server says it runs (GET /model): the file, its sha256, its time to ready."""
+    """What a server says it runs (GET /model): the file, its sha256, device, providers, time to ready."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     try:
         connection.request("GET", "/model", headers={"X-API-Key": BENCH_KEY})
         info = json.loads(connection.getresponse().read())
     finally:
         connection.close()
-    return {"file": info["file"], "sha256": info["sha256"], "startup": info.get("startup")}
+    return {"file": info["file"], "sha256": info["sha256"], "device": info.get("device"),
+            "providers": info.get("providers"), "startup": info.get("startup")}
 
 
 # ------------------------------------------------------------------------------------------ reporting
