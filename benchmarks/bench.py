@@ -117,7 +117,8 @@ def served_model(port: int) -> dict:
     finally:
         connection.close()
     return {"file": info["file"], "sha256": info["sha256"], "device": info.get("device"),
-            "providers": info.get("providers"), "startup": info.get("startup")}
+            "providers": info.get("providers"), "startup": info.get("startup"),
+            "tensorrt_cache": [w["tensorrt_cache"] for w in info.get("workers", []) if "tensorrt_cache" in w]}
 
 
 # ------------------------------------------------------------------------------------------ reporting

@@ -26,12 +26,20 @@ def ready_after(info: dict | None) -> float | None:
     return ((info or {}).get("startup") or {}).get("ready_after_s")
 
 
+def engines_before(info: dict | None) -> int | None:
+    """Engines in the TensorRT cache when the (first) worker's session opened."""
+    caches = (info or {}).get("tensorrt_cache") or [w["tensorrt_cache"] for w in (info or {}).get("workers", [])
+                                                    if "tensorrt_cache" in w]
+    return caches[0].get("engines_before") if caches else None
+
+
 def configuration(out: Path, label: str, model: str, provider: str, flags: str) -> dict:
     bench, cold = load(out / "bench" / f"{label}.json"), load(out / "cold" / f"{label}.json")
     served = (bench or {}).get("models", {}).get("b")
-    row = {"label": label, "model": model, "flags": flags, "expected_provider": provider,
+    row = {"label": label, "model": Path(model).name, "flags": flags, "expected_provider": provider,
            "providers": (served or {}).get("providers"), "warm_ready_s": ready_after(served),
-           "cold_ready_s": ready_after(cold), "levels": []}
+           "cold_ready_s": ready_after(cold), "engines_before_cold": engines_before(cold),
+           "engines_before_warm": engines_before(served), "levels": []}
     if cold is not None and cold.get("providers") and provider not in cold["providers"]:
         row["providers"] = cold["providers"]
     for level in (bench or {}).get("levels", []):
@@ -42,24 +50,28 @@ def configuration(out: Path, label: str, model: str, provider: str, flags: str) 
         row["problem"] = f"{provider} not active: /model reports {row['providers']}"
     elif provider.startswith("Tensorrt") and row["cold_ready_s"] is None:
         row["problem"] = "no cold start measured (see logs/)"
+    elif provider.startswith("Tensorrt") and not row["engines_before_warm"]:
+        row["problem"] = "the second start found no engine in the TensorRT cache: it built them again"
     return row
 
 
 def markdown(rows: list[dict], header: str) -> str:
-    lines = [f"# GPU check\n\n{header}\n", "| configuration | model | provider | conc. | img/s | p50 ms | p99 ms | errors |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
+    lines = [f"# GPU check\n\n{header}\n", "| configuration | model | provider (/model) | conc. | img/s | p50 ms | "
+             "p99 ms | errors |", "|---|---|---|---:|---:|---:|---:|---:|"]
     for row in rows:
-        provider = "OK" if "problem" not in row else "FAIL"
+        provider = row["expected_provider"].replace("ExecutionProvider", "") + (" FAIL" if "problem" in row else " OK")
         for level in row["levels"] or [{}]:
             lines.append(f"| {row['label']} | {row['model']} | {provider} | {level.get('concurrency', '')} | "
                          f"{level.get('img_s', '')} | {level.get('p50_ms', '')} | {level.get('p99_ms', '')} | "
                          f"{level.get('errors', '')} |")
-    lines += ["", "| configuration | time to ready, empty TensorRT cache (s) | time to ready, warm cache (s) | "
-              "engine build (s) |", "|---|---:|---:|---:|"]
+    lines += ["", "| configuration | time to ready (s) | with an empty TensorRT cache (s) | engine build (s) | "
+              "engines cached before the cold / warm start |", "|---|---:|---:|---:|---|"]
     for row in rows:
         cold, warm = row["cold_ready_s"], row["warm_ready_s"]
         build = round(cold - warm, 2) if cold is not None and warm is not None else ""
-        lines.append(f"| {row['label']} | {'' if cold is None else cold} | {'' if warm is None else warm} | {build} |")
+        cached = "" if cold is None else f"{row['engines_before_cold']} / {row['engines_before_warm']}"
+        lines.append(f"| {row['label']} | {'' if warm is None else warm} | {'' if cold is None else cold} | {build} | "
+                     f"{cached} |")
     problems = [f"- {row['label']}: {row['problem']}" for row in rows if "problem" in row]
     lines += ["", "Problems:" if problems else "Every configuration ran on its provider.", *problems, ""]
     return "\n".join(lines)

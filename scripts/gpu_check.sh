@@ -120,8 +120,8 @@ PY="$VENV/bin/python"
 "$PY" -m pip install --quiet -r "$REPO/$GPU_REQUIREMENTS" ${TRT_REQUIREMENTS:+-r "$REPO/$TRT_REQUIREMENTS"} \
     $(grep -E '^(onnx|psutil)==' "$REPO/requirements/constraints.txt")
 SITE=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-LIBS=$(find "$SITE/nvidia" "$SITE/tensorrt_libs" -maxdepth 2 -type d \( -name lib -o -name tensorrt_libs \) \
-       2>/dev/null | tr '\n' ':')
+LIBS=$({ find "$SITE/nvidia" "$SITE/tensorrt_libs" -maxdepth 2 -type d \( -name lib -o -name tensorrt_libs \) \
+       2>/dev/null || true; } | tr '\n' ':')  # the CUDA/cuDNN wheels' libraries and TensorRT's, where present
 export LD_LIBRARY_PATH="${LIBS}${LD_LIBRARY_PATH:-}"
 "$PY" -c 'import onnxruntime as ort; print("onnxruntime", ort.__version__, ort.get_available_providers())'
 
