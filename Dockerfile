@@ -54,6 +54,9 @@ ARG BATCH_TIMEOUT=
 ARG MODEL_NAME=
 ARG MODEL_VERSION=
 
+# TensorRT engines (with ONNXSHIP_TENSORRT=1 and the TensorRT libraries) are cached on Cerebrium's
+# persistent volume, so only the first replica of a model version builds them; where that path
+# cannot be written the server warns and uses a temporary folder.
 # Everything the server reads comes from the environment (python -m serving: flag > env > default);
 # `docker run -e ONNXSHIP_DEVICE=cpu ...` runs the same image without a GPU. API_KEY is NOT baked
 # in: set it as a secret in the Cerebrium dashboard (secrets arrive as environment variables).
@@ -66,7 +69,8 @@ ENV ONNXSHIP_MODEL=models/model.onnx \
     ONNXSHIP_MAX_BATCH_SIZE=${MAX_BATCH_SIZE} \
     ONNXSHIP_BATCH_TIMEOUT=${BATCH_TIMEOUT} \
     ONNXSHIP_MODEL_NAME=${MODEL_NAME} \
-    ONNXSHIP_MODEL_VERSION=${MODEL_VERSION}
+    ONNXSHIP_MODEL_VERSION=${MODEL_VERSION} \
+    ONNXSHIP_TRT_CACHE_DIR=/persistent-storage/onnxship/tensorrt
 
 USER 10001:10001
 EXPOSE 8192

@@ -3,6 +3,7 @@
     python -m benchmarks.bench --model models/model.onnx [--concurrency 1 4 8 16] [--duration 8]
     python -m benchmarks.bench --model models/model.onnx --null            # host overhead (issue 14)
     python -m benchmarks.bench ... --compare ../old-checkout               # before/after in one run
+    python -m benchmarks.bench --model int8.onnx --baseline-model models/model.onnx  # a variant vs fp32
 
 In one run, with the same real JPEG bodies at each concurrency level (the systems take turns level
 by level, so background load hits them alike):
@@ -13,6 +14,8 @@ by level, so background load hits them alike):
   b0  before      the same from the checkout given by --compare (same venv), for before/after
   c   baseline    `python -m benchmarks.baseline`: single-process FastAPI/uvicorn shaped like the
                   seed (real model only)
+The servers (b, b0) run --model; the ceiling (a) and the baseline (c) run --baseline-model (default:
+--model), so a variant (int8) is measured against the fp32 seed in the same run.
 
 --null builds the null twin of --model (benchmarks/null_artifact.py: same contract and metadata,
 computes ~nothing), so what is left is the server's own work: HTTP, decoding, the hand-off to the
@@ -24,6 +27,7 @@ workers + other server processes, null model), and the lone-client latency added
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import multiprocessing as mp
 import os
@@ -104,6 +108,19 @@ def bench_in_process_processes(model: Path, bodies: list[bytes], processes: int,
     return level
 
 
+def served_model(port: int) -> dict:
+    """What a server says it runs (GET /model): the file, its sha256, device, providers, time to ready."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        connection.request("GET", "/model", headers={"X-API-Key": BENCH_KEY})
+        info = json.loads(connection.getresponse().read())
+    finally:
+        connection.close()
+    return {"file": info["file"], "sha256": info["sha256"], "device": info.get("device"),
+            "providers": info.get("providers"), "startup": info.get("startup"),
+            "tensorrt_cache": [w["tensorrt_cache"] for w in info.get("workers", []) if "tensorrt_cache" in w]}
+
+
 # ------------------------------------------------------------------------------------------ reporting
 
 
@@ -127,8 +144,13 @@ def table(results: dict[str, list[Level]], null: bool) -> list[str]:
     return lines
 
 
-def summarize(results: dict[str, list[Level]], null: bool, images_per_request: int = 1) -> tuple[dict, list[str]]:
-    """The figures each issue asks for, with PASS/MISS against the targets."""
+VARIANT_TARGET = 1.25  # a model variant's server over the fp32 baseline, best concurrency each
+
+
+def summarize(results: dict[str, list[Level]], null: bool, images_per_request: int = 1,
+              variant: bool = False) -> tuple[dict, list[str]]:
+    """The figures each issue asks for, with PASS/MISS against the targets (`variant`: the servers
+    run another model than the ceiling and the baseline)."""
     summary, lines = {}, []
     a = results.get("a") or []
     a1 = at(a, 1)
@@ -175,6 +197,11 @@ def summarize(results: dict[str, list[Level]], null: bool, images_per_request: i
                              f"baseline {c8.percentile(99):.1f} ms at {c8.throughput:.1f} img/s (target: p99 no worse at "
                              f"equal or better img/s): {'PASS' if ok else 'MISS'}")
             entry["vs_baseline"] = round(b_best.throughput / best(c).throughput, 3)
+            if variant:
+                ratio = entry["vs_baseline"]
+                lines.append(f"- {name} (--model) over the baseline (--baseline-model), best concurrency each: "
+                             f"{b_best.throughput:.1f} / {best(c).throughput:.1f} img/s = {ratio:.3f} (target >= "
+                             f"{VARIANT_TARGET}): {'PASS' if ratio >= VARIANT_TARGET else 'MISS'}")
         summary[key] = entry
     return summary, lines
 
@@ -185,6 +212,9 @@ def summarize(results: dict[str, list[Level]], null: bool, images_per_request: i
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=REPO_ROOT / "models" / "model.onnx")
+    parser.add_argument("--baseline-model", type=Path, help="the model of the in-process ceiling (a) and the "
+                        "seed-like baseline (c), e.g. the fp32 artifact while --model is its int8 variant "
+                        "(default: --model)")
     parser.add_argument("--null", action="store_true", help="serve the null twin of --model (host overhead)")
     parser.add_argument("--concurrency", type=int, nargs="+", help="levels (default 1 4 8 16; --null: 1 8 16 32)")
     parser.add_argument("--duration", type=float, default=8.0, help="measured seconds per level")
@@ -203,9 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
 
-    if not args.model.is_file():
-        print(f"no model at {args.model}: export one (scripts/convert_to_onnx.py) or pass --model", file=sys.stderr)
-        return 2
+    for flag, path in (("--model", args.model), ("--baseline-model", args.baseline_model)):
+        if path is not None and not path.is_file():
+            print(f"no model at {path}: export one (scripts/convert_to_onnx.py) or pass {flag}", file=sys.stderr)
+            return 2
     bodies = jpeg_bodies(args.images_dir, args.max_images)
     if not bodies:
         print("no JPEG files found (data/images/*.jpg, --images-dir)", file=sys.stderr)
@@ -215,15 +246,19 @@ def main(argv: list[str] | None = None) -> int:
     levels = args.concurrency or ([1, 8, 16, 32] if args.null else [1, 4, 8, 16])
     tmp = Path(tempfile.mkdtemp(prefix="onnxship-bench-"))
     model = args.model.resolve()
+    baseline_model = (args.baseline_model or args.model).resolve()
     if args.null:
         from benchmarks.null_artifact import build_null_artifact
 
-        model = build_null_artifact(model, tmp / "null.onnx")
-    print(f"{len(bodies)} JPEG bodies, mean {np.mean([len(b) for b in bodies]) / 1024:.0f} KiB; model {model}; "
+        model = baseline_model = build_null_artifact(model, tmp / "null.onnx")
+    variant = baseline_model != model
+    models = f"model {model}" + (f" (servers), baseline model {baseline_model} (a, c)" if variant else "")
+    print(f"{len(bodies)} JPEG bodies, mean {np.mean([len(b) for b in bodies]) / 1024:.0f} KiB; {models}; "
           f"{os.cpu_count()} CPUs; {args.duration:g} s per level, {args.rounds} round(s); load {os.getloadavg()}")
     env = bench_env(BENCH_KEY)
     results: dict[str, list[Level]] = {s: [] for s in systems}
     servers, ports = {}, {}
+    served: dict = {"a": {"file": baseline_model.name}, "c": {"file": baseline_model.name}}
     try:
         for key in systems:
             if key in ("b", "b0"):
@@ -231,9 +266,13 @@ def main(argv: list[str] | None = None) -> int:
                 extra = (args.server_args if key == "b" else args.compare_args).split()
                 servers[key] = start_server(server_command(model, ports[key], extra), env, ports[key], "/ready",
                                             cwd=REPO_ROOT if key == "b" else args.compare.resolve())
+                if key == "b":
+                    served[key] = served_model(ports[key])
+                    print(f"  {NAMES[key]} serves {served[key]['file']} (sha256 {served[key]['sha256'][:12]}), "
+                          f"ready after {(served[key]['startup'] or {}).get('ready_after_s')} s", flush=True)
             elif key == "c":
                 ports[key] = free_port()
-                servers[key] = start_server([sys.executable, "-m", "benchmarks.baseline", "--model", str(model),
+                servers[key] = start_server([sys.executable, "-m", "benchmarks.baseline", "--model", str(baseline_model),
                                              "--port", str(ports[key])], env, ports[key], "/health")
         for _ in range(args.rounds):
             measured_a: set[int] = set()
@@ -248,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
                             measured_a.add(processes)
                             level = bench_in_process_processes(model, bodies, processes, args.duration, args.warmup)
                         else:
-                            level = bench_in_process_threads(model, bodies, concurrency, args.duration, args.warmup)
+                            level = bench_in_process_threads(baseline_model, bodies, concurrency, args.duration,
+                                                             args.warmup)
                     else:
                         headers = {} if key == "c" else {"X-API-Key": BENCH_KEY}
                         level = bench_http(NAMES[key], ports[key], "/predict", headers, bodies, concurrency,
@@ -264,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for process in servers.values():
             stop_server(process)
-    summary, lines = summarize(results, args.null, args.images_per_request)
+    summary, lines = summarize(results, args.null, args.images_per_request, variant)
     print()
     print("\n".join(table(results, args.null)))
     print()
@@ -272,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load average after the run: {os.getloadavg()}")
     if args.json:
         args.json.write_text(json.dumps({"levels": [lv.row() for k in results for lv in results[k]],
-                                         "summary": summary, "args": {k: str(v) for k, v in vars(args).items()}},
+                                         "summary": summary, "models": {k: v for k, v in served.items() if k in results},
+                                         "args": {k: str(v) for k, v in vars(args).items()}},
                                         indent=2))
     return 0
 

@@ -14,8 +14,13 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 from pathlib import Path
 
+from serving.processes import process_age
+
+# the process's start on the monotonic clock: "ready in X s" counts the interpreter's start-up too
+PROCESS_START = time.monotonic() - (process_age() or 0.0)
 log = logging.getLogger("serving")
 
 NO_AUTH_BANNER = """
@@ -84,9 +89,9 @@ def serve(config) -> int:
         from serving.runtime import visible_gpu_count
         from serving.supervisor import Supervisor, bind, worker_devices
 
-        info = ModelInfo(config, path, metadata, sha256, device, state_dir)
+        info = ModelInfo(config, path, metadata, sha256, device, state_dir, PROCESS_START)
         devices = worker_devices(device, config.workers, visible_gpu_count() if device == "cuda" else 0)
-        api = ClassifierAPI(path, device=device, intra_op_threads=config.intra_op_threads, tensorrt=config.tensorrt,
+        api = ClassifierAPI(path, device=device, intra_op_threads=config.intra_op_threads, gpu=config.gpu_settings(),
                             max_batch_size=config.max_batch_size, batch_timeout=config.batch_timeout,
                             state_dir=state_dir,
                             allow_spinning={"on": True, "off": False}.get(config.ort_spinning))

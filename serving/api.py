@@ -28,6 +28,7 @@ import numpy as np
 from serving.batching import EncodedAnswer, GreedyBatchLoop, InferenceRequest
 from serving.litserve_bridge import freeze_hook_signatures
 from serving.metrics import metrics
+from serving.providers import GpuSettings
 from serving.runtime import Classifier, top_k
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ class ClassifierAPI(ls.LitAPI):
         model_path: str | Path,
         device: str = "auto",
         intra_op_threads: int | None = None,
-        tensorrt: bool = False,
+        gpu: GpuSettings | None = None,
         max_batch_size: int = 4,
         batch_timeout: float = 0.0,
         state_dir: str | Path | None = None,
@@ -75,33 +76,38 @@ class ClassifierAPI(ls.LitAPI):
         self.model_path = str(model_path)
         self.requested_device = device
         self.intra_op_threads = intra_op_threads
-        self.tensorrt = tensorrt
+        self.gpu = gpu
         self.allow_spinning = allow_spinning
         self.state_dir = str(state_dir) if state_dir else None
         self.classifier: Classifier | None = None
 
     def setup(self, device: str) -> None:
         device_id = int(device.split(":")[1]) if device.startswith("cuda:") else 0
+        start = time.perf_counter()
         self.classifier = Classifier(
             self.model_path,
             device=self.requested_device,
             intra_op_threads=self.intra_op_threads,
             device_id=device_id,
-            tensorrt=self.tensorrt,
+            gpu=self.gpu,
             allow_spinning=self.allow_spinning,
         )
+        built = time.perf_counter()
         size = self.classifier.metadata.input_size
         for batch in sorted({1, self.max_batch_size}):  # warm up before reporting ready
             self.classifier.predict(np.zeros((batch, size, size, 3), np.uint8))
-        self._report_worker(device)
+        timings = {"session_build_s": round(built - start, 3), "warmup_s": round(time.perf_counter() - built, 3),
+                   "ready_monotonic": time.monotonic()}  # CLOCK_MONOTONIC: one clock for every process
+        log.info("model loaded in %.2f s, warmed up in %.2f s", timings["session_build_s"], timings["warmup_s"])
+        self._report_worker(device, timings)
 
-    def _report_worker(self, litserve_device: str) -> None:
-        """Leave a note for GET /model: what this worker really runs on."""
+    def _report_worker(self, litserve_device: str, timings: dict) -> None:
+        """Leave a note for GET /model: what this worker really runs on, and how long it took to load."""
         if not self.state_dir:
             return
         worker_id = os.environ.get("LITSERVE_WORKER_ID", "0")
         note = {"worker": int(worker_id), "pid": os.getpid(), "litserve_device": litserve_device,
-                **self.classifier.describe()}
+                **self.classifier.describe(), **timings}
         path = Path(self.state_dir) / f"worker-{worker_id}.json"
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(note))

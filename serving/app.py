@@ -56,9 +56,10 @@ class ModelInfo:
     """What the HTTP processes know about the model (read once in the main process)."""
 
     def __init__(self, config: ServerConfig, path: Path, metadata: ArtifactMetadata, sha256: str, device: str,
-                 state_dir: Path):
+                 state_dir: Path, started: float | None = None):
         self.config, self.path, self.metadata, self.sha256 = config, path, metadata, sha256
         self.device, self.state_dir = device, state_dir
+        self.started = time.monotonic() if started is None else started  # the main process's start
 
     def workers(self) -> list[dict]:
         notes = []
@@ -68,6 +69,22 @@ class ModelInfo:
             except (OSError, ValueError):
                 continue
         return notes
+
+    def startup(self) -> dict:
+        """Time to ready: from the main process's start to the moment the last worker finished
+        loading and warming up (kept in startup.json once the supervisor saw every worker ready, so
+        that a respawned worker does not change it)."""
+        try:
+            return json.loads((self.state_dir / "startup.json").read_text())
+        except (OSError, ValueError):
+            pass
+        notes = self.workers()
+        if len(notes) < (self.config.workers or 1) or not all("ready_monotonic" in n for n in notes):
+            return {"ready_after_s": None}
+        last = max(notes, key=lambda n: n["ready_monotonic"])
+        slowest = max(notes, key=lambda n: n["session_build_s"] + n["warmup_s"])
+        return {"ready_after_s": round(last["ready_monotonic"] - self.started, 3),
+                "session_build_s": slowest["session_build_s"], "warmup_s": slowest["warmup_s"]}
 
     def describe(self) -> dict:
         md, cfg = self.metadata, self.config
@@ -79,7 +96,9 @@ class ModelInfo:
             "layout": md.layout, "resize_policy": md.resize_policy, "num_classes": md.num_classes,
             "weights_sha256": md.weights_sha256, "exported_at": md.exported_at, "opset": md.opset,
             "onnxship_version": md.onnxship_version, "precision": md.precision, "device": self.device,
-            "providers": providers, "workers": workers,
+            "providers": providers, "workers": workers, "startup": self.startup(),
+            **({"gpu": {"tensorrt": cfg.tensorrt, "trt_fp16": cfg.trt_fp16, "trt_cache_dir": cfg.trt_cache_dir,
+                        "cudnn_conv_algo_search": cfg.cudnn_conv_algo_search}} if self.device == "cuda" else {}),
             "batching": {"workers": cfg.workers, "max_batch_size": cfg.max_batch_size,
                          "batch_timeout": cfg.batch_timeout, "max_images_per_request": cfg.max_images_per_request},
             "limits": {"max_queued_images": cfg.max_queued_images, "request_timeout": cfg.request_timeout,

@@ -11,6 +11,7 @@ import argparse
 import os
 from dataclasses import asdict, dataclass, field, replace
 
+from serving.providers import CUDNN_CONV_ALGO_SEARCH, DEFAULT_CUDNN_CONV_ALGO_SEARCH, GpuSettings, default_trt_cache_dir
 from serving.runtime import DEVICES, cpu_count
 
 DEFAULT_PORT = 8192  # the seed's port
@@ -44,6 +45,9 @@ ENV = {  # field -> environment variable
     "intra_op_threads": "ONNXSHIP_INTRA_OP_THREADS",
     "api_servers": "ONNXSHIP_API_SERVERS",
     "tensorrt": "ONNXSHIP_TENSORRT",
+    "trt_fp16": "ONNXSHIP_TRT_FP16",
+    "trt_cache_dir": "ONNXSHIP_TRT_CACHE_DIR",
+    "cudnn_conv_algo_search": "ONNXSHIP_CUDNN_CONV_ALGO_SEARCH",
     "no_auth": "ONNXSHIP_NO_AUTH",
     "api_key": "API_KEY",  # the seed's variable
     "expected_sha256": "ONNXSHIP_EXPECTED_SHA256",
@@ -66,7 +70,7 @@ ENV = {  # field -> environment variable
     "worker_nice": "ONNXSHIP_WORKER_NICE",
     "ort_spinning": "ONNXSHIP_ORT_SPINNING",
 }
-ENV_ALIASES = {"expected_sha256": ("MODEL_SHA256",)}
+ENV_ALIASES = {"expected_sha256": ("MODEL_SHA256",), "trt_cache_dir": ("ONNXSHIP_TRT_CACHE",)}
 
 
 class ConfigError(ValueError):
@@ -90,6 +94,9 @@ class ServerConfig:
     intra_op_threads: int | None = None
     api_servers: int | None = None
     tensorrt: bool = False
+    trt_fp16: bool = False
+    trt_cache_dir: str = field(default_factory=default_trt_cache_dir)
+    cudnn_conv_algo_search: str = DEFAULT_CUDNN_CONV_ALGO_SEARCH
     api_key: str | None = field(default=None, repr=False)  # never printed
     no_auth: bool = False
     expected_sha256: str | None = None
@@ -117,6 +124,14 @@ class ServerConfig:
             raise ConfigError("no model: pass --model PATH|models:/name@alias or set ONNXSHIP_MODEL")
         if self.ort_spinning not in ("auto", "on", "off"):
             raise ConfigError(f"--ort-spinning {self.ort_spinning!r}: expected auto, on or off")
+        if self.trt_fp16 and not self.tensorrt:
+            raise ConfigError("--trt-fp16 (ONNXSHIP_TRT_FP16) builds FP16 TensorRT engines: it needs --tensorrt "
+                              "(ONNXSHIP_TENSORRT)")
+        if self.cudnn_conv_algo_search not in CUDNN_CONV_ALGO_SEARCH:
+            raise ConfigError(f"--cudnn-conv-algo-search {self.cudnn_conv_algo_search!r}: expected one of "
+                              f"{', '.join(CUDNN_CONV_ALGO_SEARCH)} (ONNXSHIP_CUDNN_CONV_ALGO_SEARCH)")
+        if self.tensorrt and not self.trt_cache_dir:
+            raise ConfigError("--trt-cache-dir (ONNXSHIP_TRT_CACHE_DIR) is empty: name a folder for TensorRT engines")
         if self.device not in DEVICES:
             raise ConfigError(f"--device {self.device!r}: expected one of {', '.join(DEVICES)}")
         if not 1 <= self.port <= 65535:
@@ -169,6 +184,12 @@ class ServerConfig:
             worker_nice=worker_nice,
         )
 
+    def gpu_settings(self) -> GpuSettings:
+        """What the inference workers need to choose and configure the GPU providers."""
+        return GpuSettings(tensorrt=self.tensorrt, trt_fp16=self.trt_fp16, trt_cache_dir=self.trt_cache_dir,
+                           max_batch_size=self.max_batch_size or GPU_DEFAULTS["max_batch_size"],
+                           cudnn_conv_algo_search=self.cudnn_conv_algo_search)
+
     def public(self) -> dict:
         """The settings safe to show (no key)."""
         data = asdict(self)
@@ -193,7 +214,7 @@ def from_env(environ: dict | None = None) -> dict:
     environ = os.environ if environ is None else environ
     types = {"port": int, "workers": int, "max_batch_size": int, "intra_op_threads": int, "api_servers": int,
              "batch_timeout": float, "max_payload_bytes": int, "max_images_per_request": int,
-             "no_auth": _parse_bool, "tensorrt": _parse_bool, "docs": _parse_bool, "max_queued_images": int,
+             "no_auth": _parse_bool, "tensorrt": _parse_bool, "trt_fp16": _parse_bool, "docs": _parse_bool, "max_queued_images": int,
              "request_timeout": float, "drain_timeout": float, "drain_grace": float, "header_timeout": float,
              "body_timeout": float, "max_image_pixels": int, "max_request_pixels": int, "max_queue_wait": float,
              "worker_nice": int}
@@ -230,7 +251,16 @@ def build_parser() -> argparse.ArgumentParser:
     add("--intra-op-threads", type=int, help="ONNX Runtime threads per worker (default 2 x cores/workers, at most cores) "
         "[ONNXSHIP_INTRA_OP_THREADS]")
     add("--api-servers", type=int, help="HTTP server processes (default = workers) [ONNXSHIP_API_SERVERS]")
-    add("--tensorrt", action="store_true", default=None, help="try TensorRT before CUDA [ONNXSHIP_TENSORRT]")
+    add("--tensorrt", action="store_true", default=None, help="TensorRT before CUDA, one engine for batch 1 to "
+        "--max-batch-size, cached in --trt-cache-dir [ONNXSHIP_TENSORRT]")
+    add("--trt-fp16", action="store_true", default=None, help="FP16 TensorRT engines (with --tensorrt) "
+        "[ONNXSHIP_TRT_FP16]")
+    add("--trt-cache-dir", help="TensorRT engine and timing caches; keep it on storage that survives restarts "
+        "(default ~/.cache/onnxship/tensorrt; the Cerebrium image: /persistent-storage/onnxship/tensorrt) "
+        "[ONNXSHIP_TRT_CACHE_DIR]")
+    add("--cudnn-conv-algo-search", choices=CUDNN_CONV_ALGO_SEARCH, help="how CUDA picks cuDNN convolution "
+        f"algorithms (default {DEFAULT_CUDNN_CONV_ALGO_SEARCH}: EXHAUSTIVE searches again for every new batch size, "
+        "on live requests) [ONNXSHIP_CUDNN_CONV_ALGO_SEARCH]")
     add("--no-auth", action="store_true", default=None, help="serve without API key (loudly) [ONNXSHIP_NO_AUTH]")
     add("--expected-sha256", help="refuse to start unless the model file has this sha256 "
         "[ONNXSHIP_EXPECTED_SHA256 or MODEL_SHA256]")

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from pydantic import ConfigDict, Field, TypeAdapter
-from typing_extensions import TypedDict
+from typing_extensions import NotRequired, TypedDict
 
 import serving
 from serving import openapi_examples as examples
@@ -113,6 +113,21 @@ class LimitSettings(TypedDict):
     max_request_pixels: int
 
 
+class Startup(TypedDict):
+    """Time to ready (README, "Time to ready"); null until every worker has loaded the model."""
+    ready_after_s: Annotated[float | None, Field(description="seconds from the main process's start to ready")]
+    session_build_s: NotRequired[Annotated[float, Field(description="the slowest worker's ONNX Runtime session")]]
+    warmup_s: NotRequired[Annotated[float, Field(description="the slowest worker's first inference calls")]]
+
+
+class GpuOptions(TypedDict):
+    """The GPU provider settings (README, "Devices and CPU tuning"); only on CUDA."""
+    tensorrt: bool
+    trt_fp16: bool
+    trt_cache_dir: str
+    cudnn_conv_algo_search: Literal["HEURISTIC", "EXHAUSTIVE", "DEFAULT"]
+
+
 class ModelDescription(TypedDict):
     """GET /model: the artifact's metadata, the registry version and how it is served."""
     name: str | None
@@ -134,6 +149,8 @@ class ModelDescription(TypedDict):
     device: str
     providers: list[str]
     workers: list[dict]
+    startup: Startup
+    gpu: NotRequired[GpuOptions]
     batching: Batching
     limits: LimitSettings
     server_version: str

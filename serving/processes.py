@@ -8,6 +8,7 @@ and the tests (Linux /proc where it helps).
                                      after `timeout` seconds; reaps `pid` when it is our child.
     process_cmdline(pid), process_cwd(pid)   who a PID is now (guards against PID reuse)
     port_in_use(host, port), log_tail(path)  what a starting service needs to check and show
+    process_age(pid)                 seconds since the process started (Linux /proc, 10 ms ticks)
 
 A server started with `start_new_session=True` leads its own process group, so one call stops it
 and every process it forked or spawned, and nothing else on the machine.
@@ -29,6 +30,16 @@ def _state(pid: int) -> str | None:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
+        return None
+
+
+def process_age(pid: int | None = None) -> float | None:
+    """Seconds since `pid` (default: this process) started, from /proc (None where there is none)."""
+    try:
+        started_ticks = int(Path(f"/proc/{pid or os.getpid()}/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - started_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, IndexError, ValueError):
         return None
 
 

@@ -2,8 +2,9 @@
 
 Provider policy (`device`):
 - "cpu":  CPUExecutionProvider only.
-- "cuda": CUDA (TensorRT first when `tensorrt=True`), CPU kept only for the few ops a GPU EP
+- "cuda": CUDA (TensorRT first when `gpu.tensorrt`), CPU kept only for the few ops a GPU EP
           hands back. If the session ends up without CUDA, that is an error (DeviceError).
+          Provider options: serving/providers.py.
 - "auto": "cuda" when the onnxruntime-gpu build offers CUDA and a GPU is visible, else "cpu".
           A silent fallback to CPU is detected, logged and reported in `.providers`.
 
@@ -23,6 +24,8 @@ import logging
 import os
 import shutil
 import subprocess
+import tempfile
+from dataclasses import replace
 from functools import cached_property
 from pathlib import Path
 
@@ -31,13 +34,12 @@ import numpy as np
 from serving.artifact import (INPUT_NAME, LOGITS_NAME, PROBABILITIES_NAME, ArtifactMetadata, file_sha256, open_session,
                               session_metadata)
 from serving.images import DEFAULT_MAX_PIXELS, load_image
+from serving.providers import CPU, CUDA, TENSORRT, GpuSettings, cache_folders, execution_providers
 
 log = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cpu", "cuda")
-CPU = "CPUExecutionProvider"
-CUDA = "CUDAExecutionProvider"
-TENSORRT = "TensorrtExecutionProvider"
+__all__ = ["CPU", "CUDA", "TENSORRT", "Classifier", "DeviceError", "GpuSettings", "resolve_device", "top_k"]
 
 
 class DeviceError(RuntimeError):
@@ -134,7 +136,7 @@ class Classifier:
         device: str = "auto",
         intra_op_threads: int | None = None,
         device_id: int = 0,
-        tensorrt: bool = False,
+        gpu: GpuSettings | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         allow_spinning: bool | None = None,
     ):
@@ -147,23 +149,19 @@ class Classifier:
         # off on CPU, on with CUDA (its few CPU threads do not compete with decoding); see README
         self.allow_spinning = self.device == "cuda" if allow_spinning is None else bool(allow_spinning)
         options = cpu_session_options(intra_op_threads, self.allow_spinning)
-        if self.device == "cuda":
-            providers: list = [(CUDA, {"device_id": device_id})]
-            if tensorrt:
-                cache = Path(os.environ.get("ONNXSHIP_TRT_CACHE", "/tmp/onnxship-trt-cache"))
-                cache.mkdir(parents=True, exist_ok=True)
-                providers.insert(
-                    0,
-                    (TENSORRT, {"device_id": device_id, "trt_engine_cache_enable": "True",
-                                "trt_engine_cache_path": str(cache)}),
-                )
-            providers.append(CPU)
-        else:
-            providers = [CPU]
+        gpu = gpu or GpuSettings()
+        tensorrt = gpu.tensorrt and self.device == "cuda"
+        providers = self._providers(gpu) if self.device == "cuda" else [CPU]
+        self.trt_cache = trt_cache_state(providers) if tensorrt else None
         self.session = open_session(self.model_path, options, providers)
         self.metadata: ArtifactMetadata = session_metadata(self.session, self.model_path)
         self.providers: list[str] = list(self.session.get_providers())
         self.intra_op_threads = options.intra_op_num_threads
+        # the TensorRT profile ends at the max batch size: a larger batch (a big request on top of a
+        # nearly full batch) runs in pieces instead of making TensorRT build another engine
+        self.max_batch = gpu.max_batch_size if TENSORRT in self.providers else None
+        if self.trt_cache is not None:
+            self.trt_cache["engines_after"] = count_engines(self.trt_cache["engine_dir"])
         wanted = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
         if self.device == "cuda" and CUDA not in self.providers and TENSORRT not in self.providers:
             message = (
@@ -174,10 +172,43 @@ class Classifier:
                 raise DeviceError(message + "; refusing to serve on CPU with --device cuda")
             log.warning(message)
             self.device = "cpu"
-        elif tensorrt and self.device == "cuda" and TENSORRT not in self.providers:
-            log.warning("TensorRT was requested but is not active (providers: %s)", self.providers)
+        elif tensorrt and TENSORRT not in self.providers:
+            log.warning("TensorRT was requested but is not active (providers: %s): the TensorRT libraries "
+                        "(libnvinfer) are missing or do not match this onnxruntime-gpu build", self.providers)
         self._check_contract()
         log.info("model %s on %s, providers %s", self.model_path.name, self.device, self.providers)
+
+    def _providers(self, gpu: GpuSettings) -> list:
+        """The provider list for this artifact; cache folders are created here (a temporary folder,
+        with a warning, where the configured one cannot be written: engines are then rebuilt at
+        every start)."""
+        import onnxruntime as ort
+
+        from serving.artifact import read_metadata
+
+        if not gpu.tensorrt:
+            return execution_providers("cuda", gpu, device_id=self.device_id, input_name=INPUT_NAME, input_size=0,
+                                       model_sha256="", ort_version=ort.__version__)
+        # TensorRT's profile needs the input size before the session opens: one metadata read
+        input_size = read_metadata(self.model_path).input_size
+
+        def build(settings: GpuSettings) -> list:
+            return execution_providers("cuda", settings, device_id=self.device_id, input_name=INPUT_NAME,
+                                       input_size=input_size, model_sha256=self.sha256, ort_version=ort.__version__)
+
+        providers = build(gpu)
+        try:
+            for folder in cache_folders(providers):
+                folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            fallback = os.path.join(tempfile.gettempdir(), "onnxship-trt-cache")
+            log.warning("TensorRT cache folder %s is not writable (%s): using %s, where engines may not "
+                        "survive a restart; set --trt-cache-dir / ONNXSHIP_TRT_CACHE_DIR to a writable, persistent folder",
+                        gpu.trt_cache_dir, error.strerror or error, fallback)
+            providers = build(replace(gpu, trt_cache_dir=fallback))
+            for folder in cache_folders(providers):
+                folder.mkdir(parents=True, exist_ok=True)
+        return providers
 
     def _check_contract(self) -> None:
         inputs = {i.name: i for i in self.session.get_inputs()}
@@ -210,19 +241,20 @@ class Classifier:
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """Probabilities [N, classes] for uint8 NHWC images (one HWC image is treated as N=1)."""
-        batch = self._as_batch(images)
-        if self.device == "cuda":
-            return self._run_bound(batch, [PROBABILITIES_NAME])[0]
-        return self.session.run([PROBABILITIES_NAME], {INPUT_NAME: batch})[0]
+        return self._run(self._as_batch(images), [PROBABILITIES_NAME])[0]
 
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(logits, probabilities) for uint8 NHWC images."""
-        batch = self._as_batch(images)
-        if self.device == "cuda":
-            logits, probabilities = self._run_bound(batch, [LOGITS_NAME, PROBABILITIES_NAME])
-        else:
-            logits, probabilities = self.session.run([LOGITS_NAME, PROBABILITIES_NAME], {INPUT_NAME: batch})
+        logits, probabilities = self._run(self._as_batch(images), [LOGITS_NAME, PROBABILITIES_NAME])
         return logits, probabilities
+
+    def _run(self, batch: np.ndarray, outputs: list[str]) -> list[np.ndarray]:
+        if self.max_batch and batch.shape[0] > self.max_batch:
+            pieces = [self._run(batch[i:i + self.max_batch], outputs) for i in range(0, batch.shape[0], self.max_batch)]
+            return [np.concatenate(parts) for parts in zip(*pieces)]
+        if self.device == "cuda":
+            return self._run_bound(batch, outputs)
+        return self.session.run(outputs, {INPUT_NAME: batch})
 
     def _run_bound(self, batch: np.ndarray, outputs: list[str]) -> list[np.ndarray]:
         binding = self.session.io_binding()
@@ -242,4 +274,21 @@ class Classifier:
             "providers": self.providers,
             "intra_op_threads": self.intra_op_threads,
             "allow_spinning": self.allow_spinning,
+            **({"tensorrt_cache": self.trt_cache} if self.trt_cache is not None else {}),
         }
+
+
+def count_engines(folder: str) -> int:
+    try:
+        return sum(1 for p in Path(folder).iterdir() if p.suffix == ".engine")
+    except OSError:
+        return 0
+
+
+def trt_cache_state(providers: list) -> dict:
+    """The TensorRT engine folder and how many engines it held before the session opened (0: the
+    engines are built now, a cold start; more: they are loaded from the cache)."""
+    options = dict(providers[0][1])
+    folder = options["trt_engine_cache_path"]
+    return {"engine_dir": folder, "timing_dir": options["trt_timing_cache_path"], "fp16": options["trt_fp16_enable"] == "1",
+            "engines_before": count_engines(folder)}

@@ -18,6 +18,7 @@ Supervision policy (README, "Failure model"):
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing as mp
 import os
@@ -153,11 +154,23 @@ class Supervisor:
                 self.fatal = f"inference worker {failed[0]} failed to load the model (see the log above)"
             elif all(code == W_READY for code in status):
                 self.state.flags[F_STARTED] = 1
-                log.info("ready: %d inference worker(s), %d HTTP process(es), admission bound %d images",
-                         len(status), self.state.servers, self.state.total_slots)
+                self.report_ready()
         for w, code in enumerate(status):
             if code == W_READY and self.failed_starts[w]:
                 self.failed_starts[w] = 0
+
+    def report_ready(self) -> None:
+        """Log the time to ready and keep it for GET /model (startup.json)."""
+        startup = self.info.startup()
+        if startup["ready_after_s"] is None:  # a note is missing (no state dir): the supervisor's own view
+            startup = {"ready_after_s": round(time.monotonic() - self.info.started, 3)}
+        path = self.info.state_dir / "startup.json"
+        path.with_suffix(".tmp").write_text(json.dumps(startup))
+        path.with_suffix(".tmp").replace(path)
+        log.info("ready in %.2f s: %d inference worker(s) (slowest: session build %.2f s, warm-up %.2f s), "
+                 "%d HTTP process(es), admission bound %d images", startup["ready_after_s"], len(self.workers),
+                 startup.get("session_build_s") or 0.0, startup.get("warmup_s") or 0.0, self.state.servers,
+                 self.state.total_slots)
 
     def on_exit(self, kind: str, index: int) -> None:
         process = (self.workers if kind == "worker" else self.https)[index]

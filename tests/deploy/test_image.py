@@ -54,6 +54,7 @@ def test_dockerfile_promises():
     assert env["ONNXSHIP_MODEL"] == cb.MODEL_PATH_IN_BUNDLE and env["ONNXSHIP_DEVICE"] == "cuda"
     assert env["ONNXSHIP_PORT"] == str(cb.SERVER_PORT)
     assert "API_KEY" not in env, "the app key must come from a Cerebrium secret, never the image"
+    assert env["ONNXSHIP_TRT_CACHE_DIR"] == cb.TRT_CACHE_DIR, "TensorRT engines must survive a restart"
     assert "MODEL_SHA256" in env and "MODEL_SHA256" in facts["args"]
     # per-release values are declared after the last RUN, so they never invalidate the pip layer
     order = [(keyword, rest) for keyword, rest in parse_dockerfile(DOCKERFILE)]

@@ -32,6 +32,7 @@ class RunningServer:
     process: subprocess.Popen
     log_path: Path
     api_key: str | None
+    started: float = 0.0  # time.monotonic() just before the process was spawned
 
     @property
     def headers(self) -> dict:
@@ -127,11 +128,12 @@ def server(default_artifact, tmp_path_factory) -> RunningServer:
     """One server for the serving tests: 2 workers, batching that waits 50 ms for company."""
     port = free_port()
     log_path = tmp_path_factory.mktemp("server") / "server.log"
+    started = time.monotonic()
     process = start_server(default_artifact, log_path, "--port", str(port), "--workers", "2",
                            "--max-batch-size", "8", "--batch-timeout", "0.05", "--max-payload-bytes", "2000000",
                            "--model-name", "onnxship-test", "--model-version", "7", "--model-run-id", "run123",
                            "--header-timeout", "2", "--body-timeout", "2")
-    running = RunningServer(f"http://127.0.0.1:{port}", process, log_path, API_KEY)
+    running = RunningServer(f"http://127.0.0.1:{port}", process, log_path, API_KEY, started)
     try:
         wait_ready(running)
         yield running

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -219,6 +220,21 @@ def test_model_metadata(server, default_artifact):
     assert info["providers"] == ["CPUExecutionProvider"] and info["device"] == "cpu"
     assert len(info["workers"]) == 2 and {w["worker"] for w in info["workers"]} == {0, 1}
     assert info["batching"]["max_batch_size"] == 8
+    assert "gpu" not in info and all("tensorrt_cache" not in w for w in info["workers"])
+
+
+def test_time_to_ready_counts_from_the_process_start(server):
+    info = requests.get(f"{server.url}/model", headers=server.headers, timeout=30).json()
+    startup = info["startup"]
+    assert all(w["session_build_s"] > 0 and w["warmup_s"] > 0 for w in info["workers"])
+    # from the main process's start (interpreter and imports included), so more than the slowest
+    # worker's model load, and no more than the test saw between spawning the server and /ready
+    assert 0 < startup["session_build_s"] + startup["warmup_s"] < startup["ready_after_s"]
+    assert startup["ready_after_s"] < time.monotonic() - server.started
+    deadline = time.monotonic() + 5  # the supervisor logs it at its next tick after /ready
+    while " ready in " not in server.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert f"ready in {startup['ready_after_s']:.2f} s: 2 inference worker(s)" in server.log()
 
 
 def test_concurrent_requests_are_batched(server, jpeg_bytes):

@@ -17,18 +17,25 @@ def run_bench(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout)
 
 
-def test_benchmark_measures_all_three_systems_without_errors(default_artifact, tmp_path):
+def test_benchmark_measures_all_three_systems_without_errors(default_artifact, null_artifact, tmp_path):
+    """A variant (here the null twin) on the server, the fp32 artifact in the ceiling and the baseline."""
+    from serving.artifact import file_sha256
+
     report = tmp_path / "bench.json"
-    result = run_bench("--model", str(default_artifact), "--concurrency", "1", "4", "--duration", "1", "--warmup",
-                       "0.3", "--max-images", "6", "--json", str(report))
+    result = run_bench("--model", str(null_artifact), "--baseline-model", str(default_artifact), "--concurrency",
+                       "1", "4", "--duration", "1", "--warmup", "0.3", "--max-images", "6", "--json", str(report))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     data = json.loads(report.read_text())
     levels = {(row["system"][0], row["concurrency"]): row for row in data["levels"]}
     assert set(levels) == {(system, c) for system in "abc" for c in (1, 4)}
     assert all(row["requests"] > 0 and row["errors"] == 0 for row in levels.values()), data["levels"]
     assert data["summary"]["b"]["vs_ceiling"] > 0 and data["summary"]["b"]["vs_baseline"] > 0
-    for line in ("x the in-process ceiling", "lone-client p50", "| b: onnxship server | 4 |"):
+    for line in ("x the in-process ceiling", "lone-client p50", "| b: onnxship server | 4 |",
+                 "over the baseline (--baseline-model), best concurrency each", "(target >= 1.25)"):
         assert line in result.stdout
+    models = data["models"]
+    assert models["b"]["sha256"] == file_sha256(null_artifact) and models["b"]["startup"]["ready_after_s"] > 0
+    assert models["a"]["file"] == models["c"]["file"] == default_artifact.name
 
 
 def test_null_mode_splits_the_cpu_per_image(default_artifact, tmp_path):
