@@ -66,6 +66,9 @@ class Supervisor:
         self.workers: list = [None] * len(devices)
         self.https: list = [None] * state.servers
         self.failed_starts = [0] * len(devices)
+        # a worker that reported ready once has loaded the model: its later failures are restarts, never a
+        # start-up failure, even when it died before this loop saw every worker ready (/ready answered 200)
+        self.ever_ready = [False] * len(devices)
         self.respawn_at: dict[tuple[str, int], float] = {}
         self.crashes: deque[float] = deque()
         self.stop_signals = 0
@@ -148,16 +151,16 @@ class Supervisor:
 
     def check_startup(self) -> None:
         status = self.state.worker_status
+        for w, code in enumerate(status):
+            if code == W_READY:
+                self.ever_ready[w], self.failed_starts[w] = True, 0
         if not self.state.flags[F_STARTED]:
-            failed = [w for w in range(len(status)) if status[w] == W_ERROR]
+            failed = [w for w in range(len(status)) if status[w] == W_ERROR and not self.ever_ready[w]]
             if failed:
                 self.fatal = f"inference worker {failed[0]} failed to load the model (see the log above)"
-            elif all(code == W_READY for code in status):
+            elif all(self.ever_ready):
                 self.state.flags[F_STARTED] = 1
                 self.report_ready()
-        for w, code in enumerate(status):
-            if code == W_READY and self.failed_starts[w]:
-                self.failed_starts[w] = 0
 
     def report_ready(self) -> None:
         """Log the time to ready and keep it for GET /model (startup.json)."""
@@ -180,6 +183,7 @@ class Supervisor:
         if kind == "worker":
             self.workers[index] = None
             was_ready = self.state.worker_status[index] == W_READY
+            self.ever_ready[index] = self.ever_ready[index] or was_ready
             self.state.worker_status[index] = W_DEAD
             self.state.worker_pid[index] = 0
             for server in range(self.state.servers):
@@ -188,7 +192,7 @@ class Supervisor:
                 return
             log.error("inference worker %d (pid %d) exited with %s%s: restarting it", index, pid, code,
                       "" if was_ready else " before it was ready")
-            if not self.state.flags[F_STARTED] and not was_ready:  # died loading the model, not after
+            if not self.state.flags[F_STARTED] and not self.ever_ready[index]:  # died loading the model, never after
                 self.fatal = f"inference worker {index} exited during start-up (status {code})"
                 return
             self.failed_starts[index] = 0 if was_ready else self.failed_starts[index] + 1

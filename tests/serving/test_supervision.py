@@ -40,6 +40,13 @@ def ready_status(server) -> tuple[int, str]:
     return response.status_code, response.json()["status"]
 
 
+def answers_ready(server) -> bool:
+    try:
+        return requests.get(f"{server.url}/ready", timeout=10).status_code == 200
+    except requests.ConnectionError:  # not listening yet
+        return False
+
+
 def load_while(server, data: bytes, action, clients: int = 4) -> list:
     """Requests from `clients` threads before, during and after `action()`; every outcome."""
     stop_event, outcomes = threading.Event(), []
@@ -122,9 +129,13 @@ def test_killed_http_process_is_respawned_and_nothing_hangs(null_artifact, tmp_p
 
 
 def test_server_exits_nonzero_when_respawning_keeps_failing(default_artifact, tmp_path):
+    """Killed the moment /ready first answers 200 (possibly before the supervisor's next look marked
+    the start complete): the worker had loaded the model, so its failing respawns are restarts that
+    end in "giving up", never a start-up failure."""
     model = tmp_path / "model.onnx"
     shutil.copy(default_artifact, model)
-    with running(model, tmp_path, "--workers", "1") as server:
+    with running(model, tmp_path, "--workers", "1", ready=False) as server:
+        assert wait_for(lambda: answers_ready(server), timeout=120, interval=0.005), server.log()
         model.unlink()  # a respawned worker can no longer load the model
         os.kill(processes(server, "onnxship-work")[0], signal.SIGKILL)
         server.process.wait(120)
