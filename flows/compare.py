@@ -65,7 +65,7 @@ def compare_link(client, a: Side, b: Side) -> str:
     base = registry.run_link(client, a.experiment_id, a.run_id).split("/#/")[0]
     runs = quote(json.dumps([a.run_id, b.run_id], separators=(",", ":")))
     experiments = quote(json.dumps(sorted({a.experiment_id, b.experiment_id}), separators=(",", ":")))
-    return f"{base}/#/compare-runs?runs={runs}&experiments={experiments}"
+    return f"{base}/#/compare-runs?runs={runs}&experiments={experiments}&{registry.UI_MODE}"
 
 
 def change(a: float, b: float) -> str:

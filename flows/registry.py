@@ -322,11 +322,15 @@ def register_release(
     )
 
 
+# MLflow 3's UI opens in its GenAI mode (traces, prompts) unless a link asks for the runs-and-models one
+UI_MODE = "workflowType=machine_learning"
+
+
 def run_link(client, experiment_id: str, run_id: str) -> str:
     """A browser link to the run: the tracking server itself, or `mlflow ui`'s default address."""
     uri = client.tracking_uri
     base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
-    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?{UI_MODE}"
 
 
 def ui_command(tracking_uri: str) -> str:

@@ -43,6 +43,7 @@ def test_champion_against_previous_by_default(store, capsys):
     assert p95.split()[1:] == ["25", "20", "-20.0%"]
     link = unquote(out.split("then open ")[1].strip())
     assert "#/compare-runs?runs=" in link and second in link and first in link
+    assert link.endswith("&workflowType=machine_learning")  # MLflow 3's UI would open in its GenAI mode
 
 
 def test_versions_by_number_and_unknown_alias(store, capsys):
