@@ -46,10 +46,12 @@ class AccuracyResult:
                 f"{prefix}/correct_count": float(self.correct), f"{prefix}/labelled_count": float(self.total)}
 
 
-def open_classifier(model_path: str | Path):
+def open_classifier(model_path: str | Path, like=None):
+    """A CPU session on `model_path`; `like`: a Classifier whose intra-op thread count it takes, so that
+    two artifacts measured side by side (candidate and champion, fp32 and a variant) run alike."""
     from serving.runtime import Classifier
 
-    return Classifier(model_path, device="cpu")
+    return Classifier(model_path, device="cpu", intra_op_threads=like.intra_op_threads if like is not None else None)
 
 
 def measure_accuracy(classifier_or_path, references: Sequence[ReferenceImage], batch_size: int = 16) -> AccuracyResult:

@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 
 from flows.params import ReleaseParams
 from flows.reference import ReferenceImage, ReferenceSetError, load_reference_set, reference_paths
+from flows.stages.accuracy import open_classifier
 from flows.stages.agreement import (Agreement, ImageSplit, TorchReference, measure_agreement, split_images,
                                     torch_reference)
 from flows.stages.variants import FP16, FP32, INT8, VariantError, build_variant
@@ -120,7 +121,7 @@ def prepare_variants(params: ReleaseParams, loaded, fp32, fp32_path: Path, refer
                                   budget.min_calibration_images)
             variant.path, variant.size_bytes, variant.build_s, variant.notes = (
                 built.path, built.size_bytes, built.seconds, built.notes)
-            variant.classifier = open_variant(built.path, fp32)
+            variant.classifier = open_classifier(built.path, like=fp32)
             variant.agreement = measure_agreement(variant.classifier, reference)
         except VariantError as error:
             variant.refused = str(error)
@@ -132,9 +133,3 @@ def prepare_variants(params: ReleaseParams, loaded, fp32, fp32_path: Path, refer
                                       f"built in {variant.build_s:.1f} s, {variant.size_bytes / 1e6:.1f} MB, top-1 "
                                       f"agreement {a.top1_agreement:.1%} on {a.images} images"))
     return result
-
-
-def open_variant(path: Path, fp32):
-    from serving.runtime import Classifier
-
-    return Classifier(path, device="cpu", intra_op_threads=fp32.intra_op_threads)

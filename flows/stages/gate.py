@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from flows.params import GateThresholds, ParitySettings, VariantBudget
-from flows.stages.accuracy import measure_accuracy
+from flows.stages.accuracy import measure_accuracy, open_classifier
 from flows.stages.benchmark import compare_latency
 from serving.runtime import Classifier
 
@@ -143,7 +143,7 @@ def compare_with_champion(
 ) -> ChampionComparison:
     """Measure the champion beside the candidate's session: accuracy on the same references (the
     candidate's was measured by the parity stage on the same file), interleaved p95."""
-    champion = Classifier(champion_path, device="cpu", intra_op_threads=candidate.intra_op_threads)
+    champion = open_classifier(champion_path, like=candidate)
     champion_accuracy = measure_accuracy(champion, references).top1
     images = [ref.path for ref in references]
     candidate_p95, champion_p95, ratio = compare_latency(candidate, champion, images, batch_size=1,

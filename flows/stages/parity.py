@@ -49,10 +49,6 @@ class ParityResult:
                 "parity/max_abs_prob_diff": self.max_abs_prob_diff, "parity/max_abs_logit_diff": self.max_abs_logit_diff,
                 "parity/images_count": float(self.images)}
 
-    def onnx_classes(self) -> list[int]:
-        """The artifact's top-1 class per reference image, in order (what a deployment must answer)."""
-        return [int(row["onnx_top1"]) for row in self.per_image]
-
     def raise_for_failure(self) -> None:
         if not self.passed:
             raise ParityError(self)

@@ -88,14 +88,15 @@ def test_a_broken_calibration_collapses_int8_and_the_gate_refuses_it(variant_set
     """Calibrated on flat grey squares, the activation ranges are wrong for photos: the quantized
     model still builds and runs, but its answers are not the model's."""
     from flows.stages.agreement import measure_agreement
-    from flows.stages.evaluate import Variant, open_variant
+    from flows.stages.accuracy import open_classifier
+    from flows.stages.evaluate import Variant
 
     flat = []
     for index in range(16):
         flat.append(tmp_path / f"flat{index}.png")
         Image.new("RGB", (64, 64), (8 * index,) * 3).save(flat[-1])
     built = build_int8(default_artifact, tmp_path / "broken.int8.onnx", flat)
-    classifier = open_variant(built.path, variant_set.fp32.classifier)
+    classifier = open_classifier(built.path, like=variant_set.fp32.classifier)
     broken = Variant("int8", built.path, classifier, measure_agreement(classifier, variant_set.reference),
                      built.size_bytes, speedup=1.5)
     assert broken.agreement.top1_agreement < 0.6
