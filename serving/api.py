@@ -57,7 +57,6 @@ def best_classes(rows: np.ndarray, mode: str, k: int) -> tuple[np.ndarray, np.nd
     return ids, confidences
 
 
-@freeze_hook_signatures
 class ClassifierAPI(ls.LitAPI):
     def __init__(
         self,
@@ -68,7 +67,7 @@ class ClassifierAPI(ls.LitAPI):
         max_batch_size: int = 4,
         batch_timeout: float = 0.0,
         state_dir: str | Path | None = None,
-        allow_spinning: bool | None = None,
+        spinning: str | None = None,
     ):
         super().__init__(
             max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path="/predict", loop=GreedyBatchLoop()
@@ -77,7 +76,7 @@ class ClassifierAPI(ls.LitAPI):
         self.requested_device = device
         self.intra_op_threads = intra_op_threads
         self.gpu = gpu
-        self.allow_spinning = allow_spinning
+        self.spinning = spinning
         self.state_dir = str(state_dir) if state_dir else None
         self.classifier: Classifier | None = None
 
@@ -90,7 +89,7 @@ class ClassifierAPI(ls.LitAPI):
             intra_op_threads=self.intra_op_threads,
             device_id=device_id,
             gpu=self.gpu,
-            allow_spinning=self.allow_spinning,
+            spinning=self.spinning,
         )
         built = time.perf_counter()
         size = self.classifier.metadata.input_size
@@ -99,6 +98,7 @@ class ClassifierAPI(ls.LitAPI):
         timings = {"session_build_s": round(built - start, 3), "warmup_s": round(time.perf_counter() - built, 3),
                    "ready_monotonic": time.monotonic()}  # CLOCK_MONOTONIC: one clock for every process
         log.info("model loaded in %.2f s, warmed up in %.2f s", timings["session_build_s"], timings["warmup_s"])
+        freeze_hook_signatures(self)
         self._report_worker(device, timings)
 
     def _report_worker(self, litserve_device: str, timings: dict) -> None:

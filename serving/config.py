@@ -33,6 +33,10 @@ GPU_DEFAULTS = {"workers": 1, "max_batch_size": 32, "batch_timeout": 0.005}
 # Inference workers' niceness on CPU: +5 (HTTP processes first) measured no better rejection latency
 # than the machine's noise on the 2-core machine, and less goodput (README, "Failure model").
 CPU_WORKER_NICE = 0
+ORT_SPINNING = ("auto", "alone", "run", "on", "off")
+# how long an inference worker that just served keeps polling for the next request (yielding the
+# core to anything runnable) before it sleeps: a sleeping worker takes 0.1-0.3 ms to wake
+WORKER_SPIN_US = 5000
 
 ENV = {  # field -> environment variable
     "model": "ONNXSHIP_MODEL",
@@ -68,6 +72,7 @@ ENV = {  # field -> environment variable
     "docs": "ONNXSHIP_DOCS",
     "max_queue_wait": "ONNXSHIP_MAX_QUEUE_WAIT",
     "worker_nice": "ONNXSHIP_WORKER_NICE",
+    "worker_spin_us": "ONNXSHIP_WORKER_SPIN_US",
     "ort_spinning": "ONNXSHIP_ORT_SPINNING",
 }
 ENV_ALIASES = {"expected_sha256": ("MODEL_SHA256",), "trt_cache_dir": ("ONNXSHIP_TRT_CACHE",)}
@@ -117,13 +122,14 @@ class ServerConfig:
     docs: bool = False
     max_queue_wait: float = 1.0
     worker_nice: int | None = None
+    worker_spin_us: int | None = None
     ort_spinning: str = "auto"
 
     def validate(self) -> ServerConfig:
         if not self.model:
             raise ConfigError("no model: pass --model PATH|models:/name@alias or set ONNXSHIP_MODEL")
-        if self.ort_spinning not in ("auto", "on", "off"):
-            raise ConfigError(f"--ort-spinning {self.ort_spinning!r}: expected auto, on or off")
+        if self.ort_spinning not in ORT_SPINNING:
+            raise ConfigError(f"--ort-spinning {self.ort_spinning!r}: expected one of {', '.join(ORT_SPINNING)}")
         if self.trt_fp16 and not self.tensorrt:
             raise ConfigError("--trt-fp16 (ONNXSHIP_TRT_FP16) builds FP16 TensorRT engines: it needs --tensorrt "
                               "(ONNXSHIP_TENSORRT)")
@@ -142,6 +148,9 @@ class ServerConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} {value}: must be >= 1 ({ENV[name]})")
         if self.batch_timeout is not None and self.batch_timeout < 0:
             raise ConfigError(f"--batch-timeout {self.batch_timeout}: must be >= 0 seconds")
+        if self.worker_spin_us is not None and not 0 <= self.worker_spin_us <= 1_000_000:
+            raise ConfigError(f"--worker-spin-us {self.worker_spin_us}: must be 0..1000000 microseconds "
+                              f"({ENV['worker_spin_us']})")
         for name in ("request_timeout", "drain_timeout", "header_timeout", "body_timeout", "max_queue_wait"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be > 0 seconds ({ENV[name]})")
@@ -171,7 +180,10 @@ class ServerConfig:
             threads = cpu_threads_per_worker(cpu_count(), workers)
         max_batch_size = self.max_batch_size or defaults["max_batch_size"]
         worker_nice = self.worker_nice if self.worker_nice is not None else (0 if device == "cuda" else CPU_WORKER_NICE)
-        api_servers = self.api_servers or workers
+        worker_spin_us = WORKER_SPIN_US if self.worker_spin_us is None else self.worker_spin_us
+        # the HTTP processes do the CPU work (decoding): one per core on a GPU replica, where one worker
+        # per GPU leaves the cores to them; one per worker on CPU, where the workers need the cores too
+        api_servers = self.api_servers or (max(workers, cpu_count()) if device == "cuda" else workers)
         return replace(
             self,
             workers=workers,
@@ -182,6 +194,7 @@ class ServerConfig:
             max_queued_images=admission_bound(workers, max_batch_size, api_servers, self.max_images_per_request,
                                               self.max_queued_images),
             worker_nice=worker_nice,
+            worker_spin_us=worker_spin_us,
         )
 
     def gpu_settings(self) -> GpuSettings:
@@ -217,7 +230,7 @@ def from_env(environ: dict | None = None) -> dict:
              "no_auth": _parse_bool, "tensorrt": _parse_bool, "trt_fp16": _parse_bool, "docs": _parse_bool, "max_queued_images": int,
              "request_timeout": float, "drain_timeout": float, "drain_grace": float, "header_timeout": float,
              "body_timeout": float, "max_image_pixels": int, "max_request_pixels": int, "max_queue_wait": float,
-             "worker_nice": int}
+             "worker_nice": int, "worker_spin_us": int}
     found = {}
     for name, variable in ENV.items():
         for candidate in (variable, *ENV_ALIASES.get(name, ())):
@@ -250,7 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--device", choices=DEVICES, help="auto (GPU when available), cpu or cuda [ONNXSHIP_DEVICE]")
     add("--intra-op-threads", type=int, help="ONNX Runtime threads per worker (default 2 x cores/workers, at most cores) "
         "[ONNXSHIP_INTRA_OP_THREADS]")
-    add("--api-servers", type=int, help="HTTP server processes (default = workers) [ONNXSHIP_API_SERVERS]")
+    add("--api-servers", type=int, help="HTTP server processes, which read and decode the images (default: "
+        "= workers on CPU, one per core with CUDA) [ONNXSHIP_API_SERVERS]")
     add("--tensorrt", action="store_true", default=None, help="TensorRT before CUDA, one engine for batch 1 to "
         "--max-batch-size, cached in --trt-cache-dir [ONNXSHIP_TENSORRT]")
     add("--trt-fp16", action="store_true", default=None, help="FP16 TensorRT engines (with --tensorrt) "
@@ -292,8 +306,12 @@ def build_parser() -> argparse.ArgumentParser:
         "shrinks while requests wait longer (default 1) [ONNXSHIP_MAX_QUEUE_WAIT]")
     add("--worker-nice", type=int, help="niceness added to the inference workers, e.g. 5 so that decoding, "
         "rejections and /health go first when the cores are full (default 0) [ONNXSHIP_WORKER_NICE]")
-    add("--ort-spinning", choices=("auto", "on", "off"), help="ONNX Runtime threads spin while waiting for work: "
-        "auto = off on CPU (they would take the cores decoding needs), on with CUDA [ONNXSHIP_ORT_SPINNING]")
+    add("--worker-spin-us", type=int, help="microseconds an inference worker that just served keeps polling "
+        "for the next request before it sleeps, yielding its core to anything else runnable: waking a sleeping "
+        f"worker costs 0.1-0.3 ms per request (default {WORKER_SPIN_US}; 0: sleep at once) [ONNXSHIP_WORKER_SPIN_US]")
+    add("--ort-spinning", choices=ORT_SPINNING, help="how ONNX Runtime threads wait for work within a model "
+        "call: off = sleep, run = spin while a call lasts, alone = spin only in a call that has the cores to itself "
+        "(a lone request), on = spin, also after a call; auto = alone on CPU, on with CUDA [ONNXSHIP_ORT_SPINNING]")
     add("--docs", action="store_true", default=None, help="serve the API docs (/docs, /openapi.json); off by "
         "default [ONNXSHIP_DOCS]")
     add("--print-openapi", action="store_true", help="write the OpenAPI document of a server started with these "

@@ -41,6 +41,8 @@ from multiprocessing.sharedctypes import RawArray
 
 import numpy as np
 
+from serving.cpus import cores_to_spare, cpu_count
+
 # ---------------------------------------------------------------- wire formats
 
 REQUEST = struct.Struct("<QHqBHHdd")  # req_id, server, seq, mode, k, n, sent_at, deadline; then n x uint32 slots
@@ -155,9 +157,9 @@ class SharedState:
     def worker_states(self) -> list[str]:
         return [STATUS_NAMES.get(code, "starting") for code in self.worker_status]
 
-    def for_worker(self) -> WorkerSide:
+    def for_worker(self, spin_s: float = 0.0) -> WorkerSide:
         return WorkerSide(self.image_buffer, self.image_shape, self.slot_seq, self.slot_cancel, self.slot_taken,
-                          self.request_recv, tuple(self.answer_send))
+                          self.request_recv, tuple(self.answer_send), spin_s)
 
     def send_notice(self, server: int, kind: int, subject: int) -> None:
         """A supervisor message to HTTP process `server` (worker died, shut down)."""
@@ -170,19 +172,29 @@ class SharedState:
 
 
 class WorkerSide:
-    """The part of SharedState an inference worker needs (picklable for spawn)."""
+    """The part of SharedState an inference worker needs (picklable for spawn).
 
-    def __init__(self, image_buffer, image_shape, slot_seq, slot_cancel, slot_taken, request_recv, answer_send):
+    Waiting for a request: a worker that has just served, on a machine with a core to spare, polls
+    the request socket for up to `spin_s` (--worker-spin-us), calling sched_yield between polls,
+    and only then sleeps in poll(2): a sleeping worker takes 0.1-0.3 ms to wake (a VM's idle vCPU),
+    once per request under light load. When every core is busy (decoding, the other worker) it
+    sleeps at once, and so does a worker whose last wait ended empty (idle)."""
+
+    def __init__(self, image_buffer, image_shape, slot_seq, slot_cancel, slot_taken, request_recv, answer_send,
+                 spin_s: float = 0.0):
         self.image_buffer, self.image_shape = image_buffer, tuple(image_shape)
         self.slot_seq, self.slot_cancel, self.slot_taken = slot_seq, slot_cancel, slot_taken
         self.request_recv, self.answer_send = request_recv, tuple(answer_send)
+        self.spin_s = spin_s
+        self.serving = False  # the last wait ended with a request
+        self.cores = cpu_count()
         self._images = None
         self._poll = None
         self._parent = os.getppid()
 
     def __reduce__(self):
         return (WorkerSide, (self.image_buffer, self.image_shape, self.slot_seq, self.slot_cancel, self.slot_taken,
-                             self.request_recv, self.answer_send))
+                             self.request_recv, self.answer_send, self.spin_s))
 
     @property
     def images(self) -> np.ndarray:
@@ -199,15 +211,26 @@ class WorkerSide:
                 sock.setblocking(False)  # see answer()
             self._poll = select.poll()
             self._poll.register(self.request_recv.fileno(), select.POLLIN)
-        deadline = None if timeout is None else time.monotonic() + timeout
+        now = time.monotonic()
+        deadline = None if timeout is None else now + timeout
+        spin_until = now + self.spin_s if self.serving and self.spin_s and cores_to_spare(self.cores) else now
         while True:
             try:  # every worker polls the same socket: one of them gets each record
-                return Descriptor.unpack(self.request_recv.recv(4096))
+                descriptor = Descriptor.unpack(self.request_recv.recv(4096))
+                self.serving = True
+                return descriptor
             except BlockingIOError:
                 pass
-            remaining = None if deadline is None else deadline - time.monotonic()
+            now = time.monotonic()
+            remaining = None if deadline is None else deadline - now
             if remaining is not None and remaining <= 0:
+                if timeout:
+                    self.serving = False
                 return None
+            if now < spin_until:
+                os.sched_yield()
+                continue
+            self.serving = False
             self._poll.poll(None if remaining is None else max(1, int(remaining * 1000)))
 
     def parent_gone(self) -> bool:

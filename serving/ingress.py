@@ -57,6 +57,34 @@ class PayloadTooLarge(HTTPException):
                          "--max-payload-bytes); downscale or compress the image")
 
 
+def declared_too_large(scope, max_bytes: int) -> bool:
+    """The request's Content-Length is over `max_bytes` (refused before any byte of the body is read)."""
+    for name, value in scope.get("headers") or ():
+        if name == b"content-length":
+            return value.isdigit() and int(value) > max_bytes
+    return False
+
+
+def limited_receive(receive, max_bytes: int):
+    """`receive` that raises PayloadTooLarge once more than `max_bytes` of body arrived (chunked uploads)."""
+    seen = 0
+
+    async def limited():
+        nonlocal seen
+        message = await receive()
+        seen += len(message.get("body", b""))
+        if seen > max_bytes:
+            raise PayloadTooLarge(max_bytes)
+        return message
+
+    return limited
+
+
+def too_large_response(max_bytes: int) -> JSONResponse:
+    error = PayloadTooLarge(max_bytes)
+    return error_response(error.status_code, error.detail, {"Connection": "close"})
+
+
 class IngressLimitMiddleware:
     """Refuse bodies over `max_bytes`: early on Content-Length, else while streaming (chunked).
     (The body read timeout is enforced by the HTTP protocol: serving/httpserver.py.)"""
@@ -69,27 +97,10 @@ class IngressLimitMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             await self.app(scope, receive, send)
-            return
-        declared = None
-        for name, value in scope.get("headers") or ():
-            if name == b"content-length":
-                declared = value
-                break
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            error = PayloadTooLarge(self.max_bytes)
-            await error_response(error.status_code, error.detail, {"Connection": "close"})(scope, receive, send)
-            return
-        seen = 0
-
-        async def limited_receive():
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
-                raise PayloadTooLarge(self.max_bytes)
-            return message
-
-        await self.app(scope, limited_receive, send)
+        elif declared_too_large(scope, self.max_bytes):
+            await too_large_response(self.max_bytes)(scope, receive, send)
+        else:
+            await self.app(scope, limited_receive(receive, self.max_bytes), send)
 
 
 def decode_base64(value, where: str) -> bytes:

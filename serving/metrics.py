@@ -123,12 +123,28 @@ def render() -> tuple[bytes, str]:
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
 
 
+class RequestMetrics:
+    """requests_total and request_duration of one HTTP process, by endpoint and status."""
+
+    def __init__(self):
+        self.children: dict = {}  # (endpoint, status) -> (counter, histogram): labels() costs ~10 us
+
+    def observe(self, path: str, status: int, seconds: float) -> None:
+        key = (endpoint_label(path), status)
+        children = self.children.get(key)
+        if children is None:
+            m = metrics()
+            children = self.children[key] = (m.requests.labels(endpoint=key[0], status=str(status)),
+                                             m.request_duration.labels(endpoint=key[0]))
+        children[0].inc()
+        children[1].observe(seconds)
+
+
 class MetricsMiddleware:
     """Pure ASGI middleware: counts and times every HTTP request by endpoint and status."""
 
-    def __init__(self, app):
-        self.app = app
-        self.children: dict = {}  # (endpoint, status) -> (counter, histogram): labels() costs ~10 us
+    def __init__(self, app, requests: RequestMetrics):
+        self.app, self.requests = app, requests
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -146,14 +162,7 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            key = (endpoint_label(scope.get("path", "")), status)
-            children = self.children.get(key)
-            if children is None:
-                m = metrics()
-                children = self.children[key] = (m.requests.labels(endpoint=key[0], status=str(status)),
-                                                 m.request_duration.labels(endpoint=key[0]))
-            children[0].inc()
-            children[1].observe(time.perf_counter() - start)
+            self.requests.observe(scope.get("path", ""), status, time.perf_counter() - start)
 
 
 def mark_process_dead(pid: int) -> None:

@@ -13,8 +13,7 @@ session's `get_providers()` is the only truth, so `Classifier.providers` reports
 
 CPU tuning: each server worker gets its own session with `intra_op_threads` threads (server
 default: twice the worker's share of the cores, see serving/config.py), one inter-op thread,
-spinning off on CPU (spinning threads burn the cores that the HTTP processes need for decoding;
-on CUDA it stays on: `allow_spinning`) and full graph optimisation. GPU path: the graph takes uint8 NHWC, so the host ships 1 byte per pixel channel
+threads that spin only while a Run lasts on CPU (`spinning`, SPINNING) and full graph optimisation. GPU path: the graph takes uint8 NHWC, so the host ships 1 byte per pixel channel
 instead of 4; inputs and outputs are bound with IOBinding.
 """
 
@@ -33,6 +32,7 @@ import numpy as np
 
 from serving.artifact import (INPUT_NAME, LOGITS_NAME, PROBABILITIES_NAME, ArtifactMetadata, file_sha256, open_session,
                               session_metadata)
+from serving.cpus import cores_to_spare, cpu_count
 from serving.images import DEFAULT_MAX_PIXELS, load_image
 from serving.providers import CPU, CUDA, TENSORRT, GpuSettings, cache_folders, execution_providers
 
@@ -44,14 +44,6 @@ __all__ = ["CPU", "CUDA", "TENSORRT", "Classifier", "DeviceError", "GpuSettings"
 
 class DeviceError(RuntimeError):
     """The requested device cannot be used; the message says what is missing."""
-
-
-def cpu_count() -> int:
-    """Cores this process may use (cgroup/affinity aware where the OS says so)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def visible_gpu_count() -> int:
@@ -105,15 +97,36 @@ def resolve_device(device: str) -> str:
     return "cuda"
 
 
-def cpu_session_options(intra_op_threads: int | None = None, allow_spinning: bool = False):
+# How ORT's intra-op threads wait for work between the parallel sections of a model call
+# (`--ort-spinning`; README, "ORT thread spinning"):
+#   "off"    sleep: the least CPU; on this 2-vCPU VM each wake-up costs enough that a batch-1 call
+#            of EfficientNet-Lite0 takes 6 ms instead of 4.5. The CPU default outside the server.
+#   "run"    spin while a call lasts and stop the moment it returns (session.force_spinning_stop).
+#            Fast, but two workers spinning at once on the same cores slow each other down.
+#   "alone"  two sessions, "run" and "off": a call spins only when the cores it needs are free at
+#            that moment (nothing else runnable: a lone request), else sleeps. The server's CPU default.
+#   "on"     ORT's default: also keep spinning for a while after a call; with CUDA, whose few CPU
+#            threads only launch kernels and do not compete with decoding.
+SPINNING = ("alone", "run", "on", "off")
+
+
+def default_spinning(device: str) -> str:
+    return "on" if device == "cuda" else "off"
+
+
+def cpu_session_options(intra_op_threads: int | None = None, spinning: str = "off"):
     import onnxruntime as ort
 
+    if spinning not in SPINNING or spinning == "alone":
+        raise ValueError(f"spinning {spinning!r}: expected run, on or off")
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.intra_op_num_threads = intra_op_threads or cpu_count()
     options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0" if spinning == "off" else "1")
+    if spinning == "run":
+        options.add_session_config_entry("session.force_spinning_stop", "1")
     options.log_severity_level = 3  # errors only; provider fallbacks are reported by us
     return options
 
@@ -138,25 +151,29 @@ class Classifier:
         device_id: int = 0,
         gpu: GpuSettings | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
-        allow_spinning: bool | None = None,
+        spinning: str | None = None,
     ):
         self.model_path = Path(model_path)
         self.requested_device = device
         self.device = resolve_device(device)
         self.device_id = device_id
         self.max_pixels = max_pixels
-        # spinning ORT threads answer a lone request sooner but burn the cores that decoding needs:
-        # off on CPU, on with CUDA (its few CPU threads do not compete with decoding); see README
-        self.allow_spinning = self.device == "cuda" if allow_spinning is None else bool(allow_spinning)
-        options = cpu_session_options(intra_op_threads, self.allow_spinning)
+        self.spinning = spinning or default_spinning(self.device)
+        if self.spinning == "alone" and self.device == "cuda":
+            self.spinning = "on"
+        options = cpu_session_options(intra_op_threads, "off" if self.spinning == "alone" else self.spinning)
         gpu = gpu or GpuSettings()
         tensorrt = gpu.tensorrt and self.device == "cuda"
         providers = self._providers(gpu) if self.device == "cuda" else [CPU]
         self.trt_cache = trt_cache_state(providers) if tensorrt else None
         self.session = open_session(self.model_path, options, providers)
+        # "alone": the same model with spinning threads, for calls that have the cores to themselves
+        self.spinning_session = (open_session(self.model_path, cpu_session_options(intra_op_threads, "run"), providers)
+                                 if self.spinning == "alone" else None)
         self.metadata: ArtifactMetadata = session_metadata(self.session, self.model_path)
         self.providers: list[str] = list(self.session.get_providers())
         self.intra_op_threads = options.intra_op_num_threads
+        self.cores = cpu_count()
         # the TensorRT profile ends at the max batch size: a larger batch (a big request on top of a
         # nearly full batch) runs in pieces instead of making TensorRT build another engine
         self.max_batch = gpu.max_batch_size if TENSORRT in self.providers else None
@@ -254,6 +271,8 @@ class Classifier:
             return [np.concatenate(parts) for parts in zip(*pieces)]
         if self.device == "cuda":
             return self._run_bound(batch, outputs)
+        if self.spinning_session is not None and cores_to_spare(self.cores) >= self.intra_op_threads:
+            return self.spinning_session.run(outputs, {INPUT_NAME: batch})
         return self.session.run(outputs, {INPUT_NAME: batch})
 
     def _run_bound(self, batch: np.ndarray, outputs: list[str]) -> list[np.ndarray]:
@@ -273,7 +292,7 @@ class Classifier:
             "requested_device": self.requested_device,
             "providers": self.providers,
             "intra_op_threads": self.intra_op_threads,
-            "allow_spinning": self.allow_spinning,
+            "spinning": self.spinning,
             **({"tensorrt_cache": self.trt_cache} if self.trt_cache is not None else {}),
         }
 

@@ -61,7 +61,7 @@ class Supervisor:
 
         self.config, self.info, self.api, self.state, self.devices = config, info, api, state, devices
         self.worker_names = [status_key(api, w) for w in range(len(devices))]
-        self.answers = Answers(state.for_worker())
+        self.answers = Answers(state.for_worker(config.worker_spin_us / 1e6))
         self.side = self.answers.side
         self.workers: list = [None] * len(devices)
         self.https: list = [None] * state.servers

@@ -157,6 +157,16 @@ def test_huge_body_is_413(server):
     assert_error(post(server, data=chunks(), headers={"Content-Type": "image/jpeg"}), 413)
 
 
+@pytest.mark.parametrize("path", ["/predict", "/predict/top"])
+def test_prediction_routes_take_only_post(server, path):
+    for method in ("GET", "PUT", "DELETE"):
+        response = requests.request(method, f"{server.url}{path}", headers=server.headers, timeout=30)
+        assert_error(response, 405, "method not allowed")
+        assert response.headers["allow"] == "POST"
+    assert re.search(rf'onnxship_requests_total\{{endpoint="{path}",status="405"\}} [1-9]',
+                     requests.get(f"{server.url}/metrics", timeout=10).text)
+
+
 @pytest.mark.parametrize("k", ["0", "1001", "-3", "abc"])
 def test_k_out_of_range_is_422(server, jpeg_bytes, k):
     assert_error(post(server, "/predict/top", params={"k": k}, files=files(jpeg_bytes)), 422, "k")

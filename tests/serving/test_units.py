@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
 import pytest
 
 from serving.config import ConfigError, ServerConfig, cpu_threads_per_worker, load_config
+from serving.cpus import cpu_count
 from serving.model_uri import DEFAULT_TRACKING_URI, ModelUriError, parse_models_uri, resolve_model
 from serving.runtime import Classifier, DeviceError, cuda_available, resolve_device, top_k
 
@@ -34,6 +36,8 @@ def test_flags_beat_environment_beat_defaults():
     (["--model", "m.onnx", "--workers", "0"], {"API_KEY": "k"}, "--workers"),
     (["--model", "m.onnx", "--expected-sha256", "abc"], {"API_KEY": "k"}, "64 hex"),
     (["--model", "m.onnx"], {"API_KEY": "k", "ONNXSHIP_PORT": "eighty"}, "ONNXSHIP_PORT"),
+    (["--model", "m.onnx", "--worker-spin-us", "-1"], {"API_KEY": "k"}, "--worker-spin-us"),
+    (["--model", "m.onnx"], {"API_KEY": "k", "ONNXSHIP_ORT_SPINNING": "sometimes"}, "--ort-spinning"),
 ])
 def test_invalid_configuration_names_the_setting(argv, env, words):
     with pytest.raises(ConfigError, match=words):
@@ -49,6 +53,8 @@ def test_resolved_defaults_split_cores_between_workers():
     assert ServerConfig(model="m", no_auth=True, intra_op_threads=1).resolved("cpu").intra_op_threads == 1
     gpu = ServerConfig(model="m", no_auth=True).resolved("cuda")
     assert (gpu.workers, gpu.max_batch_size) == (1, 32)
+    # on a GPU replica the cores decode: one HTTP process each, whatever the number of GPUs
+    assert gpu.api_servers == max(gpu.workers, cpu_count())
 
 
 # ---------------------------------------------------------------- runtime
@@ -69,6 +75,45 @@ def test_classifier_predicts_and_reports_providers(default_artifact, images_dir)
     assert len(classifier.sha256) == 64
     with pytest.raises(ValueError, match="uint8"):
         classifier.predict(batch.astype(np.float32))
+
+
+def test_spinning_policies_configure_onnx_runtime_threads():
+    from serving.runtime import cpu_session_options
+
+    def entries(spinning):
+        options = cpu_session_options(2, spinning)
+
+        def entry(key):
+            try:
+                return options.get_session_config_entry(key)
+            except RuntimeError:  # not set
+                return None
+
+        return [entry("session.intra_op.allow_spinning"), entry("session.force_spinning_stop")]
+
+    # "run": spin inside a call, stop when it returns; "on": ORT's default; "off": never spin
+    assert [entries(s) for s in ("run", "on", "off")] == [["1", "1"], ["1", None], ["0", None]]
+    with pytest.raises(ValueError, match="alone"):
+        cpu_session_options(2, "alone")  # two sessions: only a Classifier makes that
+
+
+def test_alone_spins_only_in_a_call_that_has_the_cores_to_itself(default_artifact, images_dir, monkeypatch):
+    import serving.runtime as runtime
+
+    classifier = Classifier(default_artifact, device="cpu", intra_op_threads=2, spinning="alone")
+    image = classifier.load_input(images_dir / "coffee.png")
+    used = []
+    for name in ("session", "spinning_session"):
+        session = getattr(classifier, name)
+        monkeypatch.setattr(classifier, name, type("Spy", (), {
+            "run": lambda self, outputs, feeds, _s=session, _n=name: used.append(_n) or _s.run(outputs, feeds)})())
+    monkeypatch.setattr(runtime, "cores_to_spare", lambda cores: 2)  # nothing else runnable
+    alone = classifier.predict(image)
+    monkeypatch.setattr(runtime, "cores_to_spare", lambda cores: 1)  # one core taken (decoding, another worker)
+    busy = classifier.predict(image)
+    assert used == ["spinning_session", "session"]
+    assert np.array_equal(alone, busy)  # the same model, threads that wait differently
+    assert Classifier(default_artifact, device="cpu", intra_op_threads=1).spinning_session is None  # default: off
 
 
 def test_top_k_orders_by_confidence():
@@ -228,7 +273,7 @@ def test_ready_reports_starting_degraded_and_draining(default_artifact, tmp_path
         state.worker_status[0] = W_STARTING
         shed = client.post("/predict", content=b"x", headers={"Content-Type": "image/jpeg"})
         assert shed.status_code == 503 and shed.headers["Retry-After"] == "1" and "no inference worker" in shed.text
-        routes = {getattr(route, "path", None) for route in client.app.router.routes}
+        routes = {getattr(route, "path", None) for route in client.app.api.router.routes}
         assert "/docs" not in routes and "/openapi.json" not in routes
         assert client.post("/predict/", content=b"x").status_code == 404  # no redirect (no Host-built Location)
 
@@ -281,3 +326,32 @@ def test_metrics_first_used_by_many_threads_at_once_are_created_once():
     result = subprocess.run([sys.executable, "-c", FIRST_USE_RACE], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "1 16 []", result.stdout  # one Metrics object, 16 callers, no error
+
+
+def test_a_worker_that_just_served_polls_for_a_while_and_an_idle_one_sleeps(monkeypatch):
+    import serving.handoff as handoff
+    from serving.handoff import Descriptor, SharedState
+
+    state = SharedState(1, 4, 1, (4, 4, 3))
+    side = state.for_worker(spin_s=0.3)
+    request = Descriptor(7, 0, 1, 0, 1, (2,), 0.0, 1e12)
+
+    def cpu_seconds_waiting(timeout):
+        start = time.thread_time()
+        assert side.receive(timeout) is None
+        return time.thread_time() - start
+
+    monkeypatch.setattr(handoff, "cores_to_spare", lambda cores: 1)
+    assert cpu_seconds_waiting(0.3) < 0.05  # idle (nothing served yet): sleeps at once
+    side.serving = True
+    assert cpu_seconds_waiting(0.3) > 0.05  # just served, a core to spare: polled
+    assert cpu_seconds_waiting(0.3) < 0.05  # that wait ended empty: idle again
+    side.serving = True
+    monkeypatch.setattr(handoff, "cores_to_spare", lambda cores: 0)
+    assert cpu_seconds_waiting(0.3) < 0.05  # every core busy: sleeps at once
+    side.serving = True
+    monkeypatch.setattr(handoff, "cores_to_spare", lambda cores: 1)
+    sender = threading.Timer(0.05, lambda: state.request_send.send(request.pack()))
+    sender.start()
+    assert side.receive(1.0) == request  # found while polling
+    sender.join()

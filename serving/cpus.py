@@ -1,0 +1,29 @@
+"""How many cores this process may use, and how many tasks want one right now."""
+
+from __future__ import annotations
+
+import os
+
+
+def cpu_count() -> int:
+    """Cores this process may use (cgroup/affinity aware where the OS says so)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def runnable_tasks() -> int | None:
+    """Tasks running or ready to run on the whole machine, the caller included (/proc/loadavg's
+    "running/total", read in ~10 us); None where the OS does not say."""
+    try:
+        with open("/proc/loadavg", "rb") as loadavg:
+            return int(loadavg.read().split()[3].split(b"/")[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def cores_to_spare(cores: int) -> int:
+    """Cores nobody but the caller wants at this moment (0 when unknown)."""
+    running = runnable_tasks()
+    return 0 if running is None else max(0, cores - (running - 1))
