@@ -288,7 +288,7 @@ def build_app(config: ServerConfig, info: ModelInfo, state: SharedState, worker_
         if request.method != "POST":
             raise HTTPException(405, "Method Not Allowed", {"Allow": "POST"})
         auth.check(request)  # before k is looked at: no information without the key
-        mode = PREDICT_MODES[request.url.path]
+        mode = PREDICT_MODES[request.scope["path"]]
         return await infer(request, mode, top_k_of(request) if mode == "top" else 1)
 
     async def predict(scope, receive, send) -> None:
