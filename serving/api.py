@@ -122,10 +122,7 @@ class ClassifierAPI(ls.LitAPI):
     def predict(self, requests: list[InferenceRequest]) -> list[EncodedAnswer]:
         images = gather(requests)
         start = time.perf_counter()
-        # a batch of one request that its HTTP process sent alone: that process is on its way to
-        # sleep until the answer, the one other task the cores may still show (Classifier.predict)
-        lone = len(requests) == 1 and requests[0].alone
-        probabilities = self.classifier.predict(images, lone=lone)
+        probabilities = self.classifier.predict(images)
         infer = time.perf_counter() - start
         m = metrics()
         m.inference_duration.observe(infer)

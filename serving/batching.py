@@ -23,13 +23,12 @@ IDLE_WAIT_S = 1.0  # a blocked worker wakes this often (to notice a dead supervi
 class InferenceRequest:
     """One request's images (rows of the shared slot pool, or an array) and the answer it wants."""
 
-    __slots__ = ("slots", "pool", "_images", "mode", "k", "queue_wait", "picked_at", "alone")
+    __slots__ = ("slots", "pool", "_images", "mode", "k", "queue_wait", "picked_at")
 
     def __init__(self, images=None, mode: str = "class", k: int = 1, slots=(), pool=None, queue_wait: float = 0.0,
-                 picked_at: float = 0.0, alone: bool = False):
+                 picked_at: float = 0.0):
         self._images, self.slots, self.pool = images, tuple(slots), pool
         self.mode, self.k, self.queue_wait, self.picked_at = mode, k, queue_wait, picked_at
-        self.alone = alone  # its HTTP process holds nothing else (Descriptor.alone)
 
     @property
     def images(self):
@@ -118,4 +117,4 @@ class GreedyBatchLoop(BatchCollector):
             transport.dropped(item, worker)
             return None
         return InferenceRequest(mode="top" if item.mode == MODE_TOP else "class", k=item.k, slots=item.slots,
-                                pool=inbox.images, queue_wait=now - item.sent_at, picked_at=now, alone=item.alone)
+                                pool=inbox.images, queue_wait=now - item.sent_at, picked_at=now)

@@ -149,7 +149,7 @@ class Dispatcher:
         req_id = self.next_id
         now = time.monotonic()
         message = Descriptor(req_id, self.server, seq, MODE_TOP if mode == "top" else MODE_CLASS, k, tuple(slots),
-                             now, deadline, alone=self.held == len(slots)).pack()
+                             now, deadline).pack()
         try:
             state.request_send.send(message)
         except BlockingIOError:

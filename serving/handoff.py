@@ -45,7 +45,7 @@ from serving.cpus import cores_to_spare, cpu_count
 
 # ---------------------------------------------------------------- wire formats
 
-REQUEST = struct.Struct("<QHqBBHHdd")  # req_id, server, seq, mode, alone, k, n, sent_at, deadline; then n x uint32 slots
+REQUEST = struct.Struct("<QHqBHHdd")  # req_id, server, seq, mode, k, n, sent_at, deadline; then n x uint32 slots
 ANSWER = struct.Struct("<QqBBHHHHHfff")  # req_id, seq, kind, worker, k, n, frag, frags, batch, queue_wait, infer, span
 MODE_CLASS, MODE_TOP, MODE_STOP = 0, 1, 255
 OK, ERROR, DROPPED, WORKER_DEAD, SHUTDOWN = 0, 1, 2, 3, 4
@@ -72,17 +72,16 @@ class Descriptor:
     slots: tuple[int, ...]
     sent_at: float
     deadline: float
-    alone: bool = False  # the only request its HTTP process holds (a lone client's, under light load)
 
     def pack(self) -> bytes:
-        return REQUEST.pack(self.req_id, self.server, self.seq, self.mode, self.alone, self.k, len(self.slots),
-                            self.sent_at, self.deadline) + np.asarray(self.slots, np.uint32).tobytes()
+        return REQUEST.pack(self.req_id, self.server, self.seq, self.mode, self.k, len(self.slots), self.sent_at,
+                            self.deadline) + np.asarray(self.slots, np.uint32).tobytes()
 
     @classmethod
     def unpack(cls, data: bytes) -> Descriptor:
-        req_id, server, seq, mode, alone, k, n, sent_at, deadline = REQUEST.unpack_from(data)
+        req_id, server, seq, mode, k, n, sent_at, deadline = REQUEST.unpack_from(data)
         slots = tuple(np.frombuffer(data, np.uint32, n, REQUEST.size).tolist())
-        return cls(req_id, server, seq, mode, k, slots, sent_at, deadline, bool(alone))
+        return cls(req_id, server, seq, mode, k, slots, sent_at, deadline)
 
 
 STOP = Descriptor(0, 0, 0, MODE_STOP, 0, (), 0.0, 0.0)

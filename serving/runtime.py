@@ -104,8 +104,7 @@ def resolve_device(device: str) -> str:
 #   "run"    spin while a call lasts and stop the moment it returns (session.force_spinning_stop).
 #            Fast, but two workers spinning at once on the same cores slow each other down.
 #   "alone"  two sessions, "run" and "off": a call spins only when the cores it needs are free at
-#            that moment (nothing else runnable but, for a lone request, the HTTP process that
-#            handed it over and is going to sleep), else sleeps. The server's CPU default.
+#            that moment (nothing else runnable: a lone request), else sleeps. The server's CPU default.
 #   "on"     ORT's default: also keep spinning for a while after a call; with CUDA, whose few CPU
 #            threads only launch kernels and do not compete with decoding.
 SPINNING = ("alone", "run", "on", "off")
@@ -257,24 +256,22 @@ class Classifier:
             raise ValueError(f"expected uint8 [N, H, W, 3] images, got {batch.dtype} {list(batch.shape)}")
         return np.ascontiguousarray(batch)
 
-    def predict(self, images: np.ndarray, lone: bool = False) -> np.ndarray:
-        """Probabilities [N, classes] for uint8 NHWC images (one HWC image is treated as N=1).
-        `lone`: the caller knows of one other task that is about to sleep (a server's HTTP process
-        that handed over its only request): with spinning "alone", that task does not count."""
-        return self._run(self._as_batch(images), [PROBABILITIES_NAME], lone)[0]
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """Probabilities [N, classes] for uint8 NHWC images (one HWC image is treated as N=1)."""
+        return self._run(self._as_batch(images), [PROBABILITIES_NAME])[0]
 
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(logits, probabilities) for uint8 NHWC images."""
         logits, probabilities = self._run(self._as_batch(images), [LOGITS_NAME, PROBABILITIES_NAME])
         return logits, probabilities
 
-    def _run(self, batch: np.ndarray, outputs: list[str], lone: bool = False) -> list[np.ndarray]:
+    def _run(self, batch: np.ndarray, outputs: list[str]) -> list[np.ndarray]:
         if self.max_batch and batch.shape[0] > self.max_batch:
             pieces = [self._run(batch[i:i + self.max_batch], outputs) for i in range(0, batch.shape[0], self.max_batch)]
             return [np.concatenate(parts) for parts in zip(*pieces)]
         if self.device == "cuda":
             return self._run_bound(batch, outputs)
-        if self.spinning_session is not None and cores_to_spare(self.cores) + lone >= self.intra_op_threads:
+        if self.spinning_session is not None and cores_to_spare(self.cores) >= self.intra_op_threads:
             return self.spinning_session.run(outputs, {INPUT_NAME: batch})
         return self.session.run(outputs, {INPUT_NAME: batch})
 

@@ -111,10 +111,8 @@ def test_alone_spins_only_in_a_call_that_has_the_cores_to_itself(default_artifac
     alone = classifier.predict(image)
     monkeypatch.setattr(runtime, "cores_to_spare", lambda cores: 1)  # one core taken (decoding, another worker)
     busy = classifier.predict(image)
-    # ... unless the caller knows the other task: the HTTP process that sent its only request, about to sleep
-    handed_over = classifier.predict(image, lone=True)
-    assert used == ["spinning_session", "session", "spinning_session"]
-    assert np.array_equal(alone, busy) and np.array_equal(alone, handed_over)  # same model, threads wait differently
+    assert used == ["spinning_session", "session"]
+    assert np.array_equal(alone, busy)  # the same model, threads that wait differently
     assert Classifier(default_artifact, device="cpu", intra_op_threads=1).spinning_session is None  # default: off
 
 
@@ -229,9 +227,8 @@ def test_stop_message_ends_the_worker_loop():
 def test_descriptors_and_fragmented_answers_round_trip():
     from serving.handoff import ANSWER, FRAGMENT_BYTES, Descriptor, answer_records
 
-    for alone in (False, True):
-        d = Descriptor(2**60 + 5, 3, 42, 1, 5, (7, 8, 9), 1.5, 2.5, alone)
-        assert Descriptor.unpack(d.pack()) == d
+    d = Descriptor(2**60 + 5, 3, 42, 1, 5, (7, 8, 9), 1.5, 2.5)
+    assert Descriptor.unpack(d.pack()) == d
     payload = bytes(range(256)) * (FRAGMENT_BYTES // 100)
     records = answer_records(9, 1, 0, 0, 5, 3, payload)
     assert len(records) == -(-len(payload) // FRAGMENT_BYTES) > 1
