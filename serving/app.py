@@ -8,9 +8,9 @@
       or 504 at the deadline, or 503 if the worker died
     everything else: the FastAPI app (/health, /ready, /metrics, /model, --docs)
 
-The prediction routes skip FastAPI and Starlette's middleware stack and router, which cost about
-0.3 ms of CPU per request, as much as everything else the HTTP process does besides decoding
-(README, "Where the CPU goes"); they keep the same errors, metrics and limits.
+The prediction routes skip FastAPI and Starlette's middleware stack and router (about 0.1 ms of
+CPU per request on the development VM; README, "Benchmarks"); they keep the same errors, metrics
+and limits.
 
 Errors are JSON {"error": "...", "status": N}; a client's mistake is never a 500. Slash variants
 are not redirected (`POST /predict/` is a 404, never a 307 built from the Host header), and the
