@@ -178,7 +178,8 @@ class WorkerSide:
     the request socket for up to `spin_s` (--worker-spin-us), calling sched_yield between polls,
     and only then sleeps in poll(2): a sleeping worker takes 0.1-0.3 ms to wake (a VM's idle vCPU),
     once per request under light load. When every core is busy (decoding, the other worker) it
-    sleeps at once, and so does a worker whose last wait ended empty (idle)."""
+    sleeps at once, and so does a worker that polled a whole window in vain (idle) until its next
+    request."""
 
     def __init__(self, image_buffer, image_shape, slot_seq, slot_cancel, slot_taken, request_recv, answer_send,
                  spin_s: float = 0.0):
@@ -186,7 +187,7 @@ class WorkerSide:
         self.slot_seq, self.slot_cancel, self.slot_taken = slot_seq, slot_cancel, slot_taken
         self.request_recv, self.answer_send = request_recv, tuple(answer_send)
         self.spin_s = spin_s
-        self.serving = False  # the last wait ended with a request
+        self.serving = False  # a request came since the last window polled in vain
         self.cores = cpu_count()
         self._images = None
         self._poll = None
@@ -224,13 +225,11 @@ class WorkerSide:
             now = time.monotonic()
             remaining = None if deadline is None else deadline - now
             if remaining is not None and remaining <= 0:
-                if timeout:
-                    self.serving = False
-                return None
+                return None  # (a batch-fill wait shorter than the window: still serving)
             if now < spin_until:
                 os.sched_yield()
                 continue
-            self.serving = False
+            self.serving = False  # a whole window without a request: idle until the next one
             self._poll.poll(None if remaining is None else max(1, int(remaining * 1000)))
 
     def parent_gone(self) -> bool:

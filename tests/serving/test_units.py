@@ -344,8 +344,10 @@ def test_a_worker_that_just_served_polls_for_a_while_and_an_idle_one_sleeps(monk
     monkeypatch.setattr(handoff, "cores_to_spare", lambda cores: 1)
     assert cpu_seconds_waiting(0.3) < 0.02  # idle (nothing served yet): sleeps at once
     side.serving = True
-    assert cpu_seconds_waiting(0.3) > 0.03  # just served, a core to spare: polled
-    assert cpu_seconds_waiting(0.3) < 0.02  # that wait ended empty: idle again
+    cpu_seconds_waiting(0.05)  # a batch-fill wait shorter than the window ...
+    assert side.serving  # ... leaves it serving
+    assert cpu_seconds_waiting(0.4) > 0.03  # just served, a core to spare: polled (0.3 s), then slept
+    assert cpu_seconds_waiting(0.3) < 0.02  # that window passed in vain: idle again
     side.serving = True
     monkeypatch.setattr(handoff, "cores_to_spare", lambda cores: 0)
     assert cpu_seconds_waiting(0.3) < 0.02  # every core busy: sleeps at once
