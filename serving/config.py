@@ -12,7 +12,8 @@ import os
 from dataclasses import asdict, dataclass, field, replace
 
 from serving.providers import CUDNN_CONV_ALGO_SEARCH, DEFAULT_CUDNN_CONV_ALGO_SEARCH, GpuSettings, default_trt_cache_dir
-from serving.runtime import DEVICES, cpu_count
+from serving.cpus import cpu_count
+from serving.runtime import DEVICES, SPINNING
 
 DEFAULT_PORT = 8192  # the seed's port
 DEFAULT_MAX_PAYLOAD_BYTES = 20 * 1024 * 1024
@@ -33,7 +34,7 @@ GPU_DEFAULTS = {"workers": 1, "max_batch_size": 32, "batch_timeout": 0.005}
 # Inference workers' niceness on CPU: +5 (HTTP processes first) measured no better rejection latency
 # than the machine's noise on the 2-core machine, and less goodput (README, "Failure model").
 CPU_WORKER_NICE = 0
-ORT_SPINNING = ("auto", "alone", "run", "on", "off")
+ORT_SPINNING = ("auto", *SPINNING)  # auto: alone on CPU, on with CUDA
 # how long an inference worker that just served keeps polling for the next request (yielding the
 # core to anything runnable) before it sleeps: a sleeping worker takes 0.1-0.3 ms to wake
 WORKER_SPIN_US = 5000

@@ -12,8 +12,9 @@ ONNX Runtime never raises when a GPU provider fails to load: it logs and runs on
 session's `get_providers()` is the only truth, so `Classifier.providers` reports exactly that.
 
 CPU tuning: each server worker gets its own session with `intra_op_threads` threads (server
-default: twice the worker's share of the cores, see serving/config.py), one inter-op thread,
-threads that spin only while a Run lasts on CPU (`spinning`, SPINNING) and full graph optimisation. GPU path: the graph takes uint8 NHWC, so the host ships 1 byte per pixel channel
+default: twice the worker's share of the cores, see serving/config.py), one inter-op thread, a
+policy for how those threads wait for work (`spinning`, SPINNING below) and full graph
+optimisation. GPU path: the graph takes uint8 NHWC, so the host ships 1 byte per pixel channel
 instead of 4; inputs and outputs are bound with IOBinding.
 """
 
@@ -168,8 +169,9 @@ class Classifier:
         self.trt_cache = trt_cache_state(providers) if tensorrt else None
         self.session = open_session(self.model_path, options, providers)
         # "alone": the same model with spinning threads, for calls that have the cores to themselves
+        # (with one thread there is no pool to spin: the second session would only cost memory)
         self.spinning_session = (open_session(self.model_path, cpu_session_options(intra_op_threads, "run"), providers)
-                                 if self.spinning == "alone" else None)
+                                 if self.spinning == "alone" and options.intra_op_num_threads > 1 else None)
         self.metadata: ArtifactMetadata = session_metadata(self.session, self.model_path)
         self.providers: list[str] = list(self.session.get_providers())
         self.intra_op_threads = options.intra_op_num_threads

@@ -114,6 +114,8 @@ def test_alone_spins_only_in_a_call_that_has_the_cores_to_itself(default_artifac
     assert used == ["spinning_session", "session"]
     assert np.array_equal(alone, busy)  # the same model, threads that wait differently
     assert Classifier(default_artifact, device="cpu", intra_op_threads=1).spinning_session is None  # default: off
+    # one thread: no pool to spin, so no second session
+    assert Classifier(default_artifact, device="cpu", intra_op_threads=1, spinning="alone").spinning_session is None
 
 
 def test_top_k_orders_by_confidence():
