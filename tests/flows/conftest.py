@@ -35,9 +35,10 @@ def fast_params(tmp_path: Path, tracking_uri: str, state_dir: Path, **overrides)
         "output_dir": str(tmp_path / "models"),
         "server": {"port": free_port(), "workers": 1},
         "benchmark": {"batch_sizes": [1, 2], "duration_s": 0.05, "warmup_calls": 1, "include_torch": True},
-        # tests share 2 cores with other jobs: a 0.3 s latency comparison is noise, not a regression
-        # (the latency regression rule is tested in test_gate.py with fixed figures)
-        "gate": {"max_latency_regression_pct": 1000},
+        # tests share 2 cores with other jobs: a 0.05 s latency sample is noise, neither a regression
+        # nor a p95 (one stall among 5 calls is the p95); both latency rules are tested in test_gate.py
+        # with fixed figures
+        "gate": {"max_latency_regression_pct": 1000, "max_p95_latency_ms": 60000},
     }
     data.update(overrides)
     return ReleaseParams.model_validate(data)

@@ -117,6 +117,7 @@ def test_deploy_worker_run_cycle(cycle, repo_root):
     params = {"params": {
         "output_dir": str(cycle["tmp"] / "models"), "server": {"port": cycle["port"], "workers": 1},
         "benchmark": {"batch_sizes": [1], "duration_s": 0.05, "warmup_calls": 1, "include_torch": False},
+        "gate": {"max_p95_latency_ms": 60000},  # a 0.05 s sample: one stall is the p95 (rules: test_gate.py)
     }}
     code, output = run_deployment(cycle, "release/local", params)
     assert code == 0 and "Completed" in output, output
