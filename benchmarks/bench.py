@@ -206,6 +206,16 @@ def summarize(results: dict[str, list[Level]], null: bool, images_per_request: i
     return summary, lines
 
 
+def gpu_replica_args() -> list[str]:
+    """Flags that give a CPU server what `python -m serving` resolves for a CUDA device by default
+    (serving/config.py): its workers, batch size and batch-fill wait, and HTTP processes."""
+    from serving.config import ServerConfig
+
+    gpu = ServerConfig(model="-", no_auth=True).resolved("cuda")
+    return ["--workers", str(gpu.workers), "--max-batch-size", str(gpu.max_batch_size),
+            "--batch-timeout", str(gpu.batch_timeout), "--api-servers", str(gpu.api_servers)]
+
+
 # ------------------------------------------------------------------------------------------ main
 
 
@@ -227,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images-per-request", type=int, default=1,
                         help="multipart files per HTTP request (the per-request overhead is shared by them)")
     parser.add_argument("--server-args", default="", help="extra flags for python -m serving, e.g. '--workers 2'")
+    parser.add_argument("--gpu-replica", action="store_true",
+                        help="the servers (b, b0) run with the batching and process settings a CUDA device gets "
+                        "by default, on the CPU (with --null: the host side of a GPU replica)")
     parser.add_argument("--compare", type=Path, help="also run the server of this checkout (system b0, same venv)")
     parser.add_argument("--compare-args", default="", help="extra flags for the --compare server")
     parser.add_argument("--only", default=None, help="systems to run, e.g. 'b' or 'ab' (default: abc, --null: ab)")
@@ -263,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
         for key in systems:
             if key in ("b", "b0"):
                 ports[key] = free_port()
-                extra = (args.server_args if key == "b" else args.compare_args).split()
+                extra = (gpu_replica_args() if args.gpu_replica else []) + \
+                    (args.server_args if key == "b" else args.compare_args).split()
                 servers[key] = start_server(server_command(model, ports[key], extra), env, ports[key], "/ready",
                                             cwd=REPO_ROOT if key == "b" else args.compare.resolve())
                 if key == "b":

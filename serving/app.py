@@ -220,7 +220,7 @@ def build_app(config: ServerConfig, info: ModelInfo, state: SharedState, worker_
                 await asyncio.get_running_loop().run_in_executor(holder["decoder"], decode_opened, opened,
                                                                  dispatcher.views(slots), size, policy)
         except BaseException:
-            dispatcher.release(slots)
+            dispatcher.release(slots, handed_off=False)
             raise
         try:
             answer = await dispatcher.run(slots, mode, k, deadline, request.receive)

@@ -1,5 +1,8 @@
-"""Batch collection in the inference workers: block for the first request, then take what else
-arrives within `batch_timeout`, up to `max_batch_size` images (a 32-image request is one batch).
+"""Batch collection in the inference workers: block for the first request, take what else is
+queued, then wait up to `batch_timeout` for more, up to `max_batch_size` images (a 32-image
+request is one batch), but only while HTTP processes are decoding images (they will be queued
+within milliseconds). With nothing on its way, waiting could only delay the batch: a lone client
+(or any load below the batch size's worth of decoding) never pays the timeout.
 
 Each descriptor is checked before any inference work: a stale one (its slot was reallocated: the
 message of a dead HTTP process) is skipped; one whose client is gone or whose deadline passed is
@@ -18,6 +21,9 @@ from serving.litserve_bridge import AnswerTransport, BatchCollector, StopWorker
 from serving.metrics import metrics
 
 IDLE_WAIT_S = 1.0  # a blocked worker wakes this often (to notice a dead supervisor); costs nothing while idle
+# while filling a batch, how often a worker with nothing queued looks again at what is on its way
+# (an upload that fails to decode never arrives: the worker notices within this)
+ON_THE_WAY_CHECK_S = 0.001
 
 
 class InferenceRequest:
@@ -102,8 +108,23 @@ class GreedyBatchLoop(BatchCollector):
                 images += request.count
                 if images >= lit_api.max_batch_size:
                     break
-            item = inbox.receive(max(0.0, deadline - time.monotonic()))
+            item = inbox.receive(0.0)
+            if item is None:
+                item = self.wait_for_more(inbox, deadline)
         return payloads
+
+    @staticmethod
+    def wait_for_more(inbox, deadline: float) -> Descriptor | None:
+        """The next descriptor if one comes before `deadline` while images are on their way; None
+        as soon as nothing is."""
+        while inbox.images_on_the_way():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            item = inbox.receive(min(remaining, ON_THE_WAY_CHECK_S))
+            if item is not None:
+                return item
+        return None
 
     @staticmethod
     def admit(item: Descriptor, inbox, transport: Answers, worker: int) -> InferenceRequest | None:

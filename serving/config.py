@@ -259,8 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: one per CPU core, one per GPU) [ONNXSHIP_WORKERS]")
     add("--max-batch-size", type=int,
         help="most images per inference call (default cpu 4, gpu 32) [ONNXSHIP_MAX_BATCH_SIZE]")
-    add("--batch-timeout", type=float, help="seconds a worker waits to fill a batch after the first "
-        "request (default cpu 0, gpu 0.005) [ONNXSHIP_BATCH_TIMEOUT]")
+    add("--batch-timeout", type=float, help="seconds a worker may wait to fill a batch after the first "
+        "request, while more images are being decoded (nothing on its way: no wait) (default cpu 0, gpu 0.005) "
+        "[ONNXSHIP_BATCH_TIMEOUT]")
     add("--device", choices=DEVICES, help="auto (GPU when available), cpu or cuda [ONNXSHIP_DEVICE]")
     add("--intra-op-threads", type=int, help="ONNX Runtime threads per worker (default 2 x cores/workers, at most cores) "
         "[ONNXSHIP_INTRA_OP_THREADS]")

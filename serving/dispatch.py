@@ -8,7 +8,8 @@ allowed queueing time); while they wait less than half of it, it grows back by o
 a slow model or a busy machine queues seconds less, and a fast one keeps its full bound. A request
 is refused with a fast 503 (`Refused`) when no inference worker is ready or when its images do not
 fit (a request alone in this process always fits, up to its partition): the check runs before the body is read, and again (exactly)
-once the image count is known, before any decoding.
+once the image count is known, before any decoding. From taking its slots until the hand-off a
+request's images count as `decoding` in shared memory: what a worker filling a batch waits for.
 
 Answers arrive on this process's own socket, read with `loop.add_reader` (no thread hop per
 answer): each resolves the waiting request's future. A request waits for its answer until its
@@ -87,6 +88,7 @@ class Dispatcher:
         self.pending: dict[int, Pending] = {}
         self.next_id = (os.getpid() & 0x3FFFFF) << 40
         self.sock = state.answer_recv[server]
+        state.decoding[server] = 0  # (a respawned process: what its predecessor was decoding is gone)
         self.buffer = bytearray(RECEIVE_BYTES)
         self.on_shutdown = None  # set by the HTTP server: called on the supervisor's "shut down"
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -122,10 +124,15 @@ class Dispatcher:
                           "retry after the Retry-After delay")
         slots = [self.free.pop() for _ in range(images)]
         self.held += images
+        self.state.decoding[self.server] += images
         metrics().queued.set(self.held)
         return slots
 
-    def release(self, slots: list[int]) -> None:
+    def release(self, slots: list[int], handed_off: bool = True) -> None:
+        """Free `slots`: answered, dropped or failed after the hand-off, or never handed off
+        (`handed_off=False`: the upload failed to decode)."""
+        if not handed_off:
+            self.state.decoding[self.server] -= len(slots)
         self.free.extend(slots)
         self.held -= len(slots)
         metrics().queued.set(self.held)
@@ -150,6 +157,8 @@ class Dispatcher:
         now = time.monotonic()
         message = Descriptor(req_id, self.server, seq, MODE_TOP if mode == "top" else MODE_CLASS, k, tuple(slots),
                              now, deadline).pack()
+        # no longer on their way before the descriptor is: a worker never waits for a request it already has
+        state.decoding[self.server] -= len(slots)
         try:
             state.request_send.send(message)
         except BlockingIOError:

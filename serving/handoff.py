@@ -21,6 +21,9 @@ Workers only read images. Per slot, three small shared arrays:
            requests it held get a fast 503; those still queued are served by the others
 A slot returns to its owner's free list when the answer (or "dropped") arrives, when the worker
 holding it is reported dead, or, for a message lost with a killed worker, after an orphan timeout.
+Per HTTP process, one more shared number: `decoding`, the images it holds slots for and has not
+handed off yet (their upload is read, they are being decoded). A worker waits for a batch to fill
+(--batch-timeout) only while some are on their way (serving/batching.py).
 
 Sockets are AF_UNIX SOCK_SEQPACKET socketpairs created by the supervisor before any child
 starts: one request socket (all HTTP processes write, all workers read) and one answer socket per
@@ -130,6 +133,7 @@ class SharedState:
         self.worker_status = RawArray(ctypes.c_int8, workers)
         self.worker_pid = RawArray(ctypes.c_int64, workers)
         self.flags = RawArray(ctypes.c_int64, 8)
+        self.decoding = RawArray(ctypes.c_int64, servers)  # written by HTTP process i only (entry i)
         self.request_send, self.request_recv = seqpacket_pair()
         self.answer_recv, self.answer_send = zip(*(seqpacket_pair() for _ in range(servers)))
         self.request_send.setblocking(False)  # HTTP side: never block the event loop (EAGAIN -> 503)
@@ -159,7 +163,7 @@ class SharedState:
 
     def for_worker(self, spin_s: float = 0.0) -> WorkerSide:
         return WorkerSide(self.image_buffer, self.image_shape, self.slot_seq, self.slot_cancel, self.slot_taken,
-                          self.request_recv, tuple(self.answer_send), spin_s)
+                          self.request_recv, tuple(self.answer_send), self.decoding, spin_s)
 
     def send_notice(self, server: int, kind: int, subject: int) -> None:
         """A supervisor message to HTTP process `server` (worker died, shut down)."""
@@ -182,10 +186,11 @@ class WorkerSide:
     request."""
 
     def __init__(self, image_buffer, image_shape, slot_seq, slot_cancel, slot_taken, request_recv, answer_send,
-                 spin_s: float = 0.0):
+                 decoding, spin_s: float = 0.0):
         self.image_buffer, self.image_shape = image_buffer, tuple(image_shape)
         self.slot_seq, self.slot_cancel, self.slot_taken = slot_seq, slot_cancel, slot_taken
         self.request_recv, self.answer_send = request_recv, tuple(answer_send)
+        self.decoding = decoding
         self.spin_s = spin_s
         self.serving = False  # a request came since the last window polled in vain
         self.cores = cpu_count()
@@ -195,7 +200,11 @@ class WorkerSide:
 
     def __reduce__(self):
         return (WorkerSide, (self.image_buffer, self.image_shape, self.slot_seq, self.slot_cancel, self.slot_taken,
-                             self.request_recv, self.answer_send, self.spin_s))
+                             self.request_recv, self.answer_send, self.decoding, self.spin_s))
+
+    def images_on_the_way(self) -> int:
+        """Images some HTTP process is decoding right now: each will be a descriptor within milliseconds."""
+        return sum(self.decoding)
 
     @property
     def images(self) -> np.ndarray:

@@ -247,6 +247,24 @@ def test_time_to_ready_counts_from_the_process_start(server):
     assert f"ready in {startup['ready_after_s']:.2f} s: 2 inference worker(s)" in server.log()
 
 
+def test_a_lone_request_does_not_wait_out_the_batch_timeout(default_artifact, tmp_path, jpeg_bytes):
+    """A worker waits to fill a batch only while more images are being decoded: with a 4 s batch
+    timeout a lone client is still answered at once, and concurrent clients are still batched."""
+    from tests.serving.conftest import running
+
+    with running(default_artifact, tmp_path, "--workers", "1", "--max-batch-size", "8",
+                 "--batch-timeout", "4") as slow_to_fill:
+        for _ in range(3):
+            start = time.monotonic()
+            assert post(slow_to_fill, files=files(jpeg_bytes)).status_code == 200
+            assert time.monotonic() - start < 2.0
+        with ThreadPoolExecutor(8) as pool:
+            statuses = list(pool.map(lambda _: post(slow_to_fill, files=files(jpeg_bytes)).status_code, range(16)))
+        assert statuses == [200] * 16
+        values = metric_values(slow_to_fill, "onnxship_batch_size")
+        assert values["onnxship_batch_size_count"] < 3 + 16, "16 concurrent requests should share calls"
+
+
 def test_concurrent_requests_are_batched(server, jpeg_bytes):
     def batches():
         values = metric_values(server, "onnxship_batch_size")

@@ -165,6 +165,9 @@ class FakeInbox:
     def receive(self, timeout):
         return self.queue.pop(0) if self.queue else None
 
+    def images_on_the_way(self):
+        return 0
+
     def parent_gone(self):
         return False
 
@@ -224,6 +227,79 @@ def test_stop_message_ends_the_worker_loop():
     assert len(loop.collect(api, inbox, FakeAnswers())) == 1  # what came before STOP is still answered
     with pytest.raises(StopWorker):
         loop.collect(api, inbox, FakeAnswers())
+
+
+def test_a_worker_waits_to_fill_a_batch_only_while_images_are_on_their_way():
+    """--batch-timeout 5 s: a lone request is not held at all; a request being decoded is waited
+    for and joins the batch; an upload that never arrives (it failed to decode) ends the wait."""
+    from types import SimpleNamespace
+
+    from serving.batching import GreedyBatchLoop
+    from serving.handoff import SharedState
+
+    state = SharedState(servers=1, slots_per_server=8, workers=1, image_shape=(2, 2, 3))
+    inbox, loop = state.for_worker(), GreedyBatchLoop()
+    api = SimpleNamespace(max_batch_size=8, batch_timeout=5.0)
+
+    def send(req_id, slot):
+        state.request_send.send(descriptor(req_id, [slot]).pack())
+
+    def later(seconds, *actions):
+        def run():
+            time.sleep(seconds)
+            for action in actions:
+                action()
+        threading.Thread(target=run, daemon=True).start()
+
+    def collect():
+        start = time.monotonic()
+        payloads = loop.collect(api, inbox, FakeAnswers())
+        return [uid[0] for _, uid, _ in payloads], time.monotonic() - start
+
+    send(1, 0)
+    ids, waited = collect()
+    assert ids == [1] and waited < 1.0  # nothing was being decoded: no reason to wait 5 s
+
+    state.decoding[0] = 1  # an HTTP process is decoding one image
+    send(2, 1)
+    later(0.2, lambda: state.decoding.__setitem__(0, 0), lambda: send(3, 2))
+    ids, waited = collect()
+    assert ids == [2, 3] and 0.15 < waited < 2.5
+
+    state.decoding[0] = 1
+    send(4, 3)
+    later(0.2, lambda: state.decoding.__setitem__(0, 0))  # ... and it turned out undecodable (a 400)
+    ids, waited = collect()
+    assert ids == [4] and 0.15 < waited < 2.5
+
+
+def test_an_http_process_counts_images_as_on_their_way_from_slots_to_hand_off():
+    import asyncio
+
+    from serving.dispatch import DeadlineExceeded, Dispatcher
+    from serving.handoff import W_READY, SharedState
+
+    state = SharedState(servers=2, slots_per_server=4, workers=1, image_shape=(2, 2, 3))
+    state.worker_status[0] = W_READY
+    dispatcher = Dispatcher(state, 1)
+    slots = dispatcher.acquire(3)
+    assert list(state.decoding) == [0, 3]
+    dispatcher.release(slots, handed_off=False)  # the upload did not decode (400)
+    assert list(state.decoding) == [0, 0] and dispatcher.held == 0
+
+    async def hand_off(slots):
+        dispatcher.start()
+        try:
+            await dispatcher.run(slots, "class", 1, time.monotonic() + 0.05)
+        except DeadlineExceeded:  # no worker here to answer
+            pass
+        finally:
+            dispatcher.stop()
+
+    slots = dispatcher.acquire(2)
+    asyncio.run(hand_off(slots))
+    assert list(state.decoding) == [0, 0]
+    assert state.for_worker().receive(0.0).slots == tuple(slots)  # handed off: queued, no longer "on the way"
 
 
 def test_descriptors_and_fragmented_answers_round_trip():
