@@ -17,6 +17,9 @@ by level, so background load hits them alike):
 The servers (b, b0) run --model; the ceiling (a) and the baseline (c) run --baseline-model (default:
 --model), so a variant (int8) is measured against the fp32 seed in the same run.
 
+--gpu-replica gives the servers the batching and process settings a CUDA device gets by default
+(with --null: what the host of a GPU replica does per image).
+
 --null builds the null twin of --model (benchmarks/null_artifact.py: same contract and metadata,
 computes ~nothing), so what is left is the server's own work: HTTP, decoding, the hand-off to the
 inference workers. It reports the in-process decode ceiling, the server's img/s, CPU ms per image
@@ -268,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     models = f"model {model}" + (f" (servers), baseline model {baseline_model} (a, c)" if variant else "")
     print(f"{len(bodies)} JPEG bodies, mean {np.mean([len(b) for b in bodies]) / 1024:.0f} KiB; {models}; "
           f"{os.cpu_count()} CPUs; {args.duration:g} s per level, {args.rounds} round(s); load {os.getloadavg()}")
+    if args.gpu_replica:
+        print(f"servers (b, b0) with the CUDA defaults on the CPU: {' '.join(gpu_replica_args())}")
     env = bench_env(BENCH_KEY)
     results: dict[str, list[Level]] = {s: [] for s in systems}
     servers, ports = {}, {}

@@ -68,3 +68,14 @@ def test_null_artifact_keeps_the_contract(default_artifact, tmp_path):
     logits, probabilities = classifier.run(np.zeros((3, size, size, 3), np.uint8))
     assert logits.shape == probabilities.shape == (3, real_md.num_classes)
     assert np.allclose(probabilities.sum(axis=1), 1, atol=1e-5)
+
+
+def test_gpu_replica_flags_give_a_cpu_server_the_cuda_defaults():
+    from benchmarks.bench import gpu_replica_args
+    from serving.config import load_config
+
+    emulated = load_config(["--model", "m.onnx", "--no-auth", *gpu_replica_args()], {}).resolved("cpu")
+    cuda = load_config(["--model", "m.onnx", "--no-auth"], {}).resolved("cuda")
+    for setting in ("workers", "max_batch_size", "batch_timeout", "api_servers"):
+        assert getattr(emulated, setting) == getattr(cuda, setting), setting
+    assert emulated.batch_timeout > 0 and emulated.workers == 1  # what makes it differ from the CPU defaults
