@@ -201,6 +201,7 @@ class Supervisor:
                 return
         else:
             self.https[index] = None
+            self.state.decoding[index] = 0  # its uploads died with it: no worker should wait for them
             if self.drain_started is not None:
                 return
             log.error("HTTP process %d (pid %d) exited with %s: restarting it", index, pid, code)
