@@ -117,7 +117,7 @@ class GreedyBatchLoop(BatchCollector):
     def wait_for_more(inbox, deadline: float) -> Descriptor | None:
         """The next descriptor if one comes before `deadline` while images are on their way; None
         as soon as nothing is."""
-        while inbox.images_on_the_way():
+        while inbox.images_on_the_way() > 0:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return None
