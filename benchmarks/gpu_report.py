@@ -1,11 +1,14 @@
 """The tables of scripts/gpu_check.sh: one markdown and one JSON file from what its runs left.
 
-    python -m benchmarks.gpu_report OUT_DIR      # reads OUT_DIR/plan.tsv, cold/*.json, bench/*.json
+    python -m benchmarks.gpu_report OUT_DIR      # reads OUT_DIR/plan.tsv, cold/*.json, bench/*.json,
+                                                 # host-overhead.json
 
 plan.tsv, one line per configuration: label, model file, expected provider, server flags. For every
 configuration bench/<label>.json is a `benchmarks.bench --only b --json` report (its server start is
 the warm one); TensorRT configurations also have cold/<label>.json, the GET /model of a start with
-an empty engine cache. Exit status 1 when a configuration is missing or not on its provider.
+an empty engine cache. host-overhead.json is a `benchmarks.bench --null --json` report (the null
+twin served with the CUDA defaults, against decoding in-process). Exit status 1 when a
+configuration is missing or not on its provider.
 """
 
 from __future__ import annotations
@@ -55,7 +58,31 @@ def configuration(out: Path, label: str, model: str, provider: str, flags: str) 
     return row
 
 
-def markdown(rows: list[dict], header: str) -> str:
+def host_overhead(report: dict | None) -> dict | None:
+    """What the null-model run says about this machine's CPUs as a GPU replica's host."""
+    if report is None:
+        return None
+    summary = report.get("summary", {}).get("b", {})
+    ceiling = max((level["img_s"] for level in report.get("levels", []) if level["system"].startswith("a")),
+                  default=None)
+    return {"ceiling_img_s": ceiling, "best_img_s": summary.get("best_img_s"),
+            "best_concurrency": summary.get("best_concurrency"), "vs_ceiling": summary.get("vs_ceiling"),
+            "lone_added_ms": summary.get("lone_added_ms"), "cpu_ms_per_image": summary.get("cpu_split_ms")}
+
+
+def host_markdown(host: dict | None) -> list[str]:
+    if host is None:
+        return ["Host overhead: no result (see logs/host-overhead.log).", ""]
+    split = host["cpu_ms_per_image"] or {}
+    return ["Host overhead (the model's null twin, CUDA defaults; the CPUs decide what a replica can serve):", "",
+            "| in-process ceiling img/s | server best img/s | at conc. | / ceiling | lone client added ms | "
+            "CPU ms/img decode | HTTP | hand-off |", "|---:|---:|---:|---:|---:|---:|---:|---:|",
+            f"| {host['ceiling_img_s']} | {host['best_img_s']} | {host['best_concurrency']} | {host['vs_ceiling']} | "
+            f"{host['lone_added_ms']} | {split.get('decode', '')} | {split.get('http', '')} | "
+            f"{split.get('handoff', '')} |", ""]
+
+
+def markdown(rows: list[dict], header: str, host: dict | None = None) -> str:
     lines = [f"# GPU check\n\n{header}\n", "| configuration | model | provider (/model) | conc. | img/s | p50 ms | "
              "p99 ms | errors |", "|---|---|---|---:|---:|---:|---:|---:|"]
     for row in rows:
@@ -74,6 +101,7 @@ def markdown(rows: list[dict], header: str) -> str:
                      f"{cached} |")
     problems = [f"- {row['label']}: {row['problem']}" for row in rows if "problem" in row]
     lines += ["", "Problems:" if problems else "Every configuration ran on its provider.", *problems, ""]
+    lines += host_markdown(host)
     return "\n".join(lines)
 
 
@@ -86,8 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         if line.strip():
             label, model, provider, flags = (line.split("\t") + ["", "", "", ""])[:4]
             rows.append(configuration(out, label, model, provider, flags))
-    (out / "gpu-check.json").write_text(json.dumps({"machine": header, "configurations": rows}, indent=2))
-    (out / "gpu-check.md").write_text(markdown(rows, header))
+    host = host_overhead(load(out / "host-overhead.json"))
+    (out / "gpu-check.json").write_text(json.dumps({"machine": header, "configurations": rows,
+                                                    "host_overhead": host}, indent=2))
+    (out / "gpu-check.md").write_text(markdown(rows, header, host))
     print((out / "gpu-check.md").read_text())
     return 1 if any("problem" in row for row in rows) else 0
 

@@ -12,7 +12,11 @@
 #    checks /ready and that GET /model reports the GPU provider, and runs the serving benchmark
 #    (benchmarks/bench.py, this server only) at several concurrencies; TensorRT configurations are
 #    first started once with an empty engine cache (the cold start: engine build included);
-# 5. writes OUT/gpu-check.md and OUT/gpu-check.json (img/s, p50/p99, time to ready cold and warm).
+# 5. measures the host overhead (benchmarks/bench.py --null): the model's null twin served with the
+#    CUDA defaults against decoding in-process on this machine's CPUs, which decide what a GPU
+#    replica can serve;
+# 6. writes OUT/gpu-check.md and OUT/gpu-check.json (img/s, p50/p99, time to ready cold and warm,
+#    host overhead).
 #
 # Exit status: 0 every configuration ran on its provider, 1 a check failed, 2 usage, 3 no GPU here.
 set -euo pipefail
@@ -76,7 +80,9 @@ print_plan() {
     plan | while IFS=$'\t' read -r label model provider flags; do
         echo "     - $label: $(basename "$model"), expects $provider, flags: ${flags:-(none)}"
     done
-    echo "  5. $OUT/gpu-check.md and $OUT/gpu-check.json (python -m benchmarks.gpu_report)"
+    echo "  5. host overhead: python -m benchmarks.bench --null --server-args \"--device cuda\"" \
+         "--concurrency $CONCURRENCY --duration $DURATION (the null twin of $(basename "$MODEL"))"
+    echo "  6. $OUT/gpu-check.md and $OUT/gpu-check.json (python -m benchmarks.gpu_report)"
 }
 
 gpu_count() {
@@ -180,5 +186,11 @@ while IFS=$'\t' read -r -u 3 label model provider flags; do
         --concurrency $CONCURRENCY --duration "$DURATION" --json "$OUT/bench/$label.json") \
         > "$OUT/logs/$label-bench.log" 2>&1 || echo "gpu_check: $label: benchmark failed (log: $OUT/logs/$label-bench.log)" >&2
 done 3< "$OUT/plan.tsv"
+
+echo "== host overhead (null model)"
+# shellcheck disable=SC2086
+(cd "$REPO" && "$PY" -m benchmarks.bench --null --model "$MODEL" --server-args "--device cuda" \
+    --concurrency $CONCURRENCY --duration "$DURATION" --json "$OUT/host-overhead.json") \
+    > "$OUT/logs/host-overhead.log" 2>&1 || echo "gpu_check: host overhead: benchmark failed (log: $OUT/logs/host-overhead.log)" >&2
 
 (cd "$REPO" && "$PY" -m benchmarks.gpu_report "$OUT")

@@ -37,7 +37,7 @@ def test_dry_run_prints_every_configuration_and_bad_arguments_are_refused(tmp_pa
                   "flows.stages.variants", "--precision fp16", "--concurrency 1 16",
                   "cuda-fp32: model.onnx, expects CUDAExecutionProvider",
                   "tensorrt-fp16: model.onnx, expects TensorrtExecutionProvider, flags: --tensorrt --trt-fp16",
-                  "gpu-check.md"):
+                  "host overhead: python -m benchmarks.bench --null", "gpu-check.md"):
         assert words in result.stdout
     assert "tensorrt" not in run("--dry-run", "--cuda", "13").stdout.split("fp16 variant")[1]
     refused = run("--cuda", "11")

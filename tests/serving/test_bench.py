@@ -53,6 +53,20 @@ def test_null_mode_splits_the_cpu_per_image(default_artifact, tmp_path):
     for line in ("CPU ms per image", "lone client p50", "x the in-process ceiling"):
         assert line in result.stdout
 
+    # the GPU check's report carries the same run as its host-overhead table
+    from benchmarks.gpu_report import main as gpu_report
+
+    out = tmp_path / "gpu-check"
+    out.mkdir()
+    (out / "plan.tsv").write_text("")
+    assert gpu_report([str(out)]) == 0 and "Host overhead: no result" in (out / "gpu-check.md").read_text()
+    (out / "host-overhead.json").write_text(report.read_text())
+    assert gpu_report([str(out)]) == 0
+    host = json.loads((out / "gpu-check.json").read_text())["host_overhead"]
+    assert host["vs_ceiling"] == data["summary"]["b"]["vs_ceiling"] and host["ceiling_img_s"] > 0
+    assert host["cpu_ms_per_image"] == split
+    assert f"| {host['ceiling_img_s']} | {host['best_img_s']} |" in (out / "gpu-check.md").read_text()
+
 
 def test_null_artifact_keeps_the_contract(default_artifact, tmp_path):
     from benchmarks.null_artifact import build_null_artifact
