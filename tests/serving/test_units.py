@@ -262,7 +262,7 @@ def test_a_worker_waits_to_fill_a_batch_only_while_images_are_on_their_way():
 
     state.decoding[0] = 1  # an HTTP process is decoding one image
     send(2, 1)
-    later(0.2, lambda: state.decoding.__setitem__(0, 0), lambda: send(3, 2))
+    later(0.2, lambda: send(3, 2), lambda: state.decoding.__setitem__(0, 0))
     ids, waited = collect()
     assert ids == [2, 3] and 0.15 < waited < 2.5
 
