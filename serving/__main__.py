@@ -94,7 +94,7 @@ def serve(config) -> int:
         api = ClassifierAPI(path, device=device, intra_op_threads=config.intra_op_threads, gpu=config.gpu_settings(),
                             max_batch_size=config.max_batch_size, batch_timeout=config.batch_timeout,
                             state_dir=state_dir,
-                            spinning="alone" if config.ort_spinning == "auto" else config.ort_spinning)
+                            spinning=config.ort_spinning)
         size = metadata.input_size
         state = SharedState(config.api_servers, -(-config.max_queued_images // config.api_servers), len(devices),
                             (size, size, 3))

@@ -182,6 +182,7 @@ class ServerConfig:
         max_batch_size = self.max_batch_size or defaults["max_batch_size"]
         worker_nice = self.worker_nice if self.worker_nice is not None else (0 if device == "cuda" else CPU_WORKER_NICE)
         worker_spin_us = WORKER_SPIN_US if self.worker_spin_us is None else self.worker_spin_us
+        ort_spinning = ("on" if device == "cuda" else "alone") if self.ort_spinning == "auto" else self.ort_spinning
         # the HTTP processes do the CPU work (decoding): one per core on a GPU replica, where one worker
         # per GPU leaves the cores to them; one per worker on CPU, where the workers need the cores too
         api_servers = self.api_servers or (max(workers, cpu_count()) if device == "cuda" else workers)
@@ -196,6 +197,7 @@ class ServerConfig:
                                               self.max_queued_images),
             worker_nice=worker_nice,
             worker_spin_us=worker_spin_us,
+            ort_spinning=ort_spinning,
         )
 
     def gpu_settings(self) -> GpuSettings:

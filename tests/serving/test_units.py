@@ -55,6 +55,9 @@ def test_resolved_defaults_split_cores_between_workers():
     assert (gpu.workers, gpu.max_batch_size) == (1, 32)
     # on a GPU replica the cores decode: one HTTP process each, whatever the number of GPUs
     assert gpu.api_servers == max(gpu.workers, cpu_count())
+    # --ort-spinning auto: spin only in a call that has the cores to itself on CPU; always with CUDA
+    assert (config.ort_spinning, gpu.ort_spinning) == ("alone", "on")
+    assert ServerConfig(model="m", no_auth=True, ort_spinning="off").resolved("cpu").ort_spinning == "off"
 
 
 # ---------------------------------------------------------------- runtime
