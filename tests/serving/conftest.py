@@ -109,11 +109,21 @@ def running(model: Path, tmp_path: Path, *args: str, api_key: str | None = API_K
 
 @pytest.fixture(scope="session")
 def slow_artifact(default_artifact, tmp_path_factory) -> Path:
-    """The default artifact's null twin that spends ~0.1-0.5 s per call whatever the batch (a big
-    model's behaviour, cheap to build): holds requests in flight for the overload and drain tests."""
+    """The default artifact's null twin that spends a long time per call whatever the batch (a big
+    model's behaviour, cheap to build): 0.1-0.5 s on a busy machine, ~40 ms on a fast quiet CPU.
+    Holds requests in flight for the overload and supervision tests."""
     from benchmarks.null_artifact import build_null_artifact
 
     return build_null_artifact(default_artifact, tmp_path_factory.mktemp("slow") / "slow.onnx", work=1536)
+
+
+@pytest.fixture(scope="session")
+def slower_artifact(default_artifact, tmp_path_factory) -> Path:
+    """Twice `slow_artifact`'s work (~0.3 s per call even on a fast quiet CPU): for tests whose
+    requests must still be in flight together, whatever the machine."""
+    from benchmarks.null_artifact import build_null_artifact
+
+    return build_null_artifact(default_artifact, tmp_path_factory.mktemp("slower") / "slower.onnx", work=3072)
 
 
 @pytest.fixture(scope="session")

@@ -32,15 +32,6 @@ def refused(server) -> bool:
     return False
 
 
-@pytest.fixture(scope="module")
-def slower_artifact(default_artifact, tmp_path_factory):
-    """~0.3 s per call even on a fast quiet CPU (the shared slow artifact can take 40 ms there): the
-    8 requests must still be in flight together when the signal comes."""
-    from benchmarks.null_artifact import build_null_artifact
-
-    return build_null_artifact(default_artifact, tmp_path_factory.mktemp("slower") / "slower.onnx", work=3072)
-
-
 @pytest.mark.parametrize("how", ["SIGTERM to the main process", "SIGINT to the process group"])
 def test_drain_answers_every_accepted_request(slower_artifact, tmp_path, jpeg_bytes, how):
     with running(slower_artifact, tmp_path, *DRAINING) as server:

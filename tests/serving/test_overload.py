@@ -14,7 +14,6 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import pytest
 import requests
 
 from tests.serving.conftest import API_KEY, running
@@ -77,17 +76,8 @@ def test_overload_gets_fast_503s_while_a_polite_client_is_served(slow_artifact, 
         assert re.search(r"onnxship_queued_images \d", requests.get(f"{server.url}/metrics", timeout=10).text)
 
 
-@pytest.fixture(scope="module")
-def very_slow_artifact(default_artifact, tmp_path_factory):
-    """~0.1 s per call on a fast quiet CPU, where the shared slow artifact takes 40 ms: enough to
-    keep requests waiting behind each other whatever the machine."""
-    from benchmarks.null_artifact import build_null_artifact
-
-    return build_null_artifact(default_artifact, tmp_path_factory.mktemp("very-slow") / "very-slow.onnx", work=2048)
-
-
-def test_a_rejected_request_gets_its_503_before_the_server_reads_its_body(very_slow_artifact, tmp_path, jpeg_bytes):
-    with running(very_slow_artifact, tmp_path, *TIGHT, "--max-queued-images", "2") as server:
+def test_a_rejected_request_gets_its_503_before_the_server_reads_its_body(slower_artifact, tmp_path, jpeg_bytes):
+    with running(slower_artifact, tmp_path, *TIGHT, "--max-queued-images", "2") as server:
         with ThreadPoolExecutor(2) as pool:
             holding = [pool.submit(predict, server, jpeg_bytes) for _ in range(2)]
             assert wait_for(lambda: counter(server, "onnxship_queued_images") >= 2, timeout=60)
@@ -102,8 +92,8 @@ def test_a_rejected_request_gets_its_503_before_the_server_reads_its_body(very_s
             assert [f.result(timeout=120).status_code for f in holding] == [200, 200]
 
 
-def test_requests_past_their_deadline_are_dropped_before_inference(very_slow_artifact, tmp_path, jpeg_bytes):
-    with running(very_slow_artifact, tmp_path, *TIGHT, "--max-queued-images", "8", "--request-timeout", "0.5") as server:
+def test_requests_past_their_deadline_are_dropped_before_inference(slower_artifact, tmp_path, jpeg_bytes):
+    with running(slower_artifact, tmp_path, *TIGHT, "--max-queued-images", "8", "--request-timeout", "0.5") as server:
         calls_before = counter(server, "onnxship_batch_size_count")
         with ThreadPoolExecutor(8) as pool:
             responses = list(pool.map(lambda _: predict(server, jpeg_bytes), range(8)))
