@@ -209,14 +209,19 @@ def summarize(results: dict[str, list[Level]], null: bool, images_per_request: i
     return summary, lines
 
 
-def gpu_replica_args() -> list[str]:
+def gpu_replica_args(checkout: Path = REPO_ROOT) -> list[str]:
     """Flags that give a CPU server what `python -m serving` resolves for a CUDA device by default
-    (serving/config.py): its workers, batch size and batch-fill wait, and HTTP processes."""
+    (serving/config.py): its workers, batch size and batch-fill wait, HTTP processes and the
+    workers' scheduling policy (left out for an older `checkout` whose server lacks that flag)."""
     from serving.config import ServerConfig
 
     gpu = ServerConfig(model="-", no_auth=True).resolved("cuda")
-    return ["--workers", str(gpu.workers), "--max-batch-size", str(gpu.max_batch_size),
-            "--batch-timeout", str(gpu.batch_timeout), "--api-servers", str(gpu.api_servers)]
+    flags = ["--workers", str(gpu.workers), "--max-batch-size", str(gpu.max_batch_size),
+             "--batch-timeout", str(gpu.batch_timeout), "--api-servers", str(gpu.api_servers)]
+    config = checkout / "serving" / "config.py"
+    if not config.is_file() or '"--worker-sched"' in config.read_text():
+        flags += ["--worker-sched", gpu.worker_sched]
+    return flags
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -281,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         for key in systems:
             if key in ("b", "b0"):
                 ports[key] = free_port()
-                extra = (gpu_replica_args() if args.gpu_replica else []) + \
+                checkout = REPO_ROOT if key == "b" else args.compare.resolve()
+                extra = (gpu_replica_args(checkout) if args.gpu_replica else []) + \
                     (args.server_args if key == "b" else args.compare_args).split()
                 servers[key] = start_server(server_command(model, ports[key], extra), env, ports[key], "/ready",
                                             cwd=REPO_ROOT if key == "b" else args.compare.resolve())

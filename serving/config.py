@@ -35,6 +35,7 @@ GPU_DEFAULTS = {"workers": 1, "max_batch_size": 32, "batch_timeout": 0.005}
 # than the machine's noise on the 2-core machine, and less goodput (README, "Failure model").
 CPU_WORKER_NICE = 0
 ORT_SPINNING = ("auto", *SPINNING)  # auto: alone on CPU, on with CUDA
+WORKER_SCHED = ("auto", "normal", "batch")  # auto: normal on CPU, batch with CUDA
 # how long an inference worker that just served keeps polling for the next request (yielding the
 # core to anything runnable) before it sleeps: a sleeping worker takes 0.1-0.3 ms to wake
 WORKER_SPIN_US = 5000
@@ -75,6 +76,7 @@ ENV = {  # field -> environment variable
     "worker_nice": "ONNXSHIP_WORKER_NICE",
     "worker_spin_us": "ONNXSHIP_WORKER_SPIN_US",
     "ort_spinning": "ONNXSHIP_ORT_SPINNING",
+    "worker_sched": "ONNXSHIP_WORKER_SCHED",
 }
 ENV_ALIASES = {"expected_sha256": ("MODEL_SHA256",), "trt_cache_dir": ("ONNXSHIP_TRT_CACHE",)}
 
@@ -125,12 +127,16 @@ class ServerConfig:
     worker_nice: int | None = None
     worker_spin_us: int | None = None
     ort_spinning: str = "auto"
+    worker_sched: str = "auto"
 
     def validate(self) -> ServerConfig:
         if not self.model:
             raise ConfigError("no model: pass --model PATH|models:/name@alias or set ONNXSHIP_MODEL")
         if self.ort_spinning not in ORT_SPINNING:
             raise ConfigError(f"--ort-spinning {self.ort_spinning!r}: expected one of {', '.join(ORT_SPINNING)}")
+        if self.worker_sched not in WORKER_SCHED:
+            raise ConfigError(f"--worker-sched {self.worker_sched!r}: expected one of {', '.join(WORKER_SCHED)} "
+                              f"({ENV['worker_sched']})")
         if self.trt_fp16 and not self.tensorrt:
             raise ConfigError("--trt-fp16 (ONNXSHIP_TRT_FP16) builds FP16 TensorRT engines: it needs --tensorrt "
                               "(ONNXSHIP_TENSORRT)")
@@ -183,6 +189,7 @@ class ServerConfig:
         worker_nice = self.worker_nice if self.worker_nice is not None else (0 if device == "cuda" else CPU_WORKER_NICE)
         worker_spin_us = WORKER_SPIN_US if self.worker_spin_us is None else self.worker_spin_us
         ort_spinning = ("on" if device == "cuda" else "alone") if self.ort_spinning == "auto" else self.ort_spinning
+        worker_sched = ("batch" if device == "cuda" else "normal") if self.worker_sched == "auto" else self.worker_sched
         # the HTTP processes do the CPU work (decoding): one per core on a GPU replica, where one worker
         # per GPU leaves the cores to them; one per worker on CPU, where the workers need the cores too
         api_servers = self.api_servers or (max(workers, cpu_count()) if device == "cuda" else workers)
@@ -198,6 +205,7 @@ class ServerConfig:
             worker_nice=worker_nice,
             worker_spin_us=worker_spin_us,
             ort_spinning=ort_spinning,
+            worker_sched=worker_sched,
         )
 
     def gpu_settings(self) -> GpuSettings:
@@ -316,6 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--ort-spinning", choices=ORT_SPINNING, help="how ONNX Runtime threads wait for work within a model "
         "call: off = sleep, run = spin while a call lasts, alone = spin only in a call that has the cores to itself "
         "(a lone request), on = spin, also after a call; auto = alone on CPU, on with CUDA [ONNXSHIP_ORT_SPINNING]")
+    add("--worker-sched", choices=WORKER_SCHED, help="Linux scheduling policy of the inference workers: batch = a "
+        "worker woken by a request does not preempt a process that is decoding; it runs at the next scheduler tick "
+        "and takes more images per batch; auto = normal on CPU (the workers compute), batch with CUDA (they feed "
+        "the GPU) [ONNXSHIP_WORKER_SCHED]")
     add("--docs", action="store_true", default=None, help="serve the API docs (/docs, /openapi.json); off by "
         "default [ONNXSHIP_DOCS]")
     add("--print-openapi", action="store_true", help="write the OpenAPI document of a server started with these "

@@ -12,8 +12,9 @@ once the image count is known, before any decoding. From taking its slots until 
 request's images count as `decoding` in shared memory: what a worker filling a batch waits for.
 
 Answers arrive on this process's own socket, read with `loop.add_reader` (no thread hop per
-answer): each resolves the waiting request's future. A request waits for its answer until its
-deadline (--request-timeout) or until its client disconnects; either way it is marked cancelled
+answer): each settles its request through the request's callback (no future, no task). A request
+waits for its answer until its deadline (--request-timeout, a loop timer) or until its client
+disconnects (`abandon`); either way it is marked cancelled
 in shared memory, so a worker that has not started it yet drops it before inference, and its
 slots come back when the worker's "dropped" arrives. A supervisor notice "worker w died" fails
 exactly the requests worker w had taken (fast 503, never a hang) and frees their slots.
@@ -69,12 +70,25 @@ class Answer:
 
 
 class Pending:
-    __slots__ = ("future", "slots", "seq", "sent_at", "parts", "abandoned_at")
+    """A request handed to a worker, until its answer (or "dropped") brings its slots back.
+    `settle` is called once: with the Answer, or with the exception that ends the request."""
 
-    def __init__(self, future, slots, seq, sent_at):
-        self.future, self.slots, self.seq, self.sent_at = future, slots, seq, sent_at
+    __slots__ = ("settle", "slots", "seq", "sent_at", "parts", "abandoned_at", "settled", "timer")
+
+    def __init__(self, settle, slots, seq, sent_at):
+        self.settle, self.slots, self.seq, self.sent_at = settle, slots, seq, sent_at
         self.parts: list[bytes] = []
         self.abandoned_at: float | None = None
+        self.settled = False
+        self.timer = None
+
+    def finish(self, outcome) -> None:
+        if self.settled:
+            return
+        self.settled = True
+        if self.timer is not None:
+            self.timer.cancel()
+        self.settle(outcome)
 
 
 class Dispatcher:
@@ -143,10 +157,12 @@ class Dispatcher:
 
     # ------------------------------------------------------------ one request
 
-    async def run(self, slots: list[int], mode: str, k: int, deadline: float, receive=None) -> Answer:
-        """Hand the decoded slots to a worker and wait for the answer (the slots are ours again
-        once this returns or raises, except after a timeout or disconnect: then when the worker
-        says so)."""
+    def submit(self, slots: list[int], mode: str, k: int, deadline: float, settle) -> Pending:
+        """Hand the decoded slots to a worker. `settle(outcome)` is called once, from the event
+        loop: with the Answer, or with DeadlineExceeded (at `deadline`, or the worker dropped it),
+        WorkerDied or InferenceFailed. The slots are ours again once settled, except after a
+        deadline or `abandon`: then when the worker says so. Raises Refused if the request queue
+        is full (the slots are released)."""
         state, slot = self.state, slots[0]
         state.slot_seq[slot] += 1
         seq = state.slot_seq[slot]
@@ -164,36 +180,23 @@ class Dispatcher:
         except BlockingIOError:
             self.release(slots)
             raise Refused("queue_full", "server at capacity (request queue full): retry after the Retry-After delay")
-        future = self.loop.create_future()
-        pending = self.pending[req_id] = Pending(future, slots, seq, now)
-        watcher = asyncio.ensure_future(receive()) if receive is not None else None
-        try:
-            waiting = {future} if watcher is None else {future, watcher}
-            while True:
-                done, _ = await asyncio.wait(waiting, timeout=max(0.0, deadline - time.monotonic()),
-                                             return_when=asyncio.FIRST_COMPLETED)
-                if future in done:
-                    return future.result()
-                if watcher in done and watcher.result().get("type") != "http.disconnect":
-                    waiting = {future}  # not a disconnect (nothing else is expected): keep waiting
-                    continue
-                gone = watcher in done
-                self._abandon(pending)
-                metrics().dropped.labels(reason="disconnected" if gone else "deadline").inc()
-                raise (ConnectionAbortedError() if gone else DeadlineExceeded())
-        except asyncio.CancelledError:  # the HTTP server gave up on this request (forced shutdown)
-            self._abandon(pending)
-            raise
-        finally:
-            if watcher is not None and not watcher.done():
-                watcher.cancel()
+        pending = self.pending[req_id] = Pending(settle, slots, seq, now)
+        pending.timer = self.loop.call_later(max(0.0, deadline - now), self._expire, pending)
+        return pending
 
-    def _abandon(self, pending: Pending) -> None:
+    def abandon(self, pending: Pending, reason: str = "disconnected") -> None:
+        """The client is gone (or the deadline passed): a worker that has not started the request
+        drops it, and its slots come back with the worker's answer."""
+        if pending.settled:
+            return
         self.state.slot_cancel[pending.slots[0]] = 1
         pending.abandoned_at = time.monotonic()
-        if pending.future.done():  # the answer raced the timeout: nothing is held any more
-            return
-        pending.future.cancel()
+        metrics().dropped.labels(reason=reason).inc()
+        pending.finish(DeadlineExceeded() if reason == "deadline" else ConnectionAbortedError())
+
+    def _expire(self, pending: Pending) -> None:
+        pending.timer = None
+        self.abandon(pending, "deadline")
 
     # ------------------------------------------------------------ answers
 
@@ -226,8 +229,7 @@ class Dispatcher:
             return
         del self.pending[req_id]
         self.release(pending.slots)
-        future = pending.future
-        if future.done():  # abandoned: the slots were all it was waiting for
+        if pending.settled:  # abandoned: the slots were all it was waiting for
             return
         if kind == OK:
             payload = b"".join(pending.parts)
@@ -235,11 +237,11 @@ class Dispatcher:
             confidences = np.frombuffer(payload, "<f4", n * k, 4 * n * k).reshape(n, k)
             metrics().handoff.observe(max(0.0, time.monotonic() - pending.sent_at - queue_wait - infer))
             self._adapt(queue_wait)
-            future.set_result(Answer(ids, confidences, queue_wait, infer, batch))
+            pending.finish(Answer(ids, confidences, queue_wait, infer, batch))
         elif kind == DROPPED:
-            future.set_exception(DeadlineExceeded())
+            pending.finish(DeadlineExceeded())
         elif kind == ERROR:
-            future.set_exception(InferenceFailed(b"".join(pending.parts).decode("utf-8", "replace")))
+            pending.finish(InferenceFailed(b"".join(pending.parts).decode("utf-8", "replace")))
 
     def _adapt(self, queue_wait: float) -> None:
         """Keep the queue wait near the allowed queueing time (AIMD on the admission limit)."""
@@ -259,10 +261,9 @@ class Dispatcher:
                 continue
             del self.pending[req_id]
             self.release(pending.slots)
-            if not pending.future.done():
+            if not pending.settled:
                 metrics().dropped.labels(reason="worker_died").inc()
-                pending.future.set_exception(WorkerDied(f"inference worker {worker} died while computing this "
-                                                        "request: retry"))
+                pending.finish(WorkerDied(f"inference worker {worker} died while computing this request: retry"))
 
     def _sweep(self) -> None:
         now = time.monotonic()

@@ -223,7 +223,7 @@ class WorkerSide:
             self._poll.register(self.request_recv.fileno(), select.POLLIN)
         now = time.monotonic()
         deadline = None if timeout is None else now + timeout
-        spin_until = now + self.spin_s if self.serving and self.spin_s and cores_to_spare(self.cores) else now
+        spin_until = None  # decided when nothing is there (a machine-wide read, so not before)
         while True:
             try:  # every worker polls the same socket: one of them gets each record
                 descriptor = Descriptor.unpack(self.request_recv.recv(4096))
@@ -235,6 +235,8 @@ class WorkerSide:
             remaining = None if deadline is None else deadline - now
             if remaining is not None and remaining <= 0:
                 return None  # (a batch-fill wait shorter than the window: still serving)
+            if spin_until is None:
+                spin_until = now + self.spin_s if self.serving and self.spin_s and cores_to_spare(self.cores) else now
             if now < spin_until:
                 os.sched_yield()
                 continue

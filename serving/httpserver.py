@@ -10,6 +10,10 @@ What differs from a plain `uvicorn.run`:
   (else 408): uvicorn has neither limit, so a slow client could hold a connection forever. This
   relies on uvicorn's HttpToolsProtocol parser callbacks and RequestResponseCycle flags (uvicorn
   0.54; tests/serving/test_litserve_contract.py checks them).
+- POST /predict and /predict/top go from the protocol's parser callbacks straight to
+  serving/prediction.py (`PredictionCycle`): no ASGI scope, messages or task per request, the
+  body collected here, the answer written in one piece. Other requests, and a prediction request
+  pipelined behind one still in progress, take uvicorn's ASGI path.
 - The process dies with the supervisor (PR_SET_PDEATHSIG where Linux offers it).
 """
 
@@ -21,8 +25,11 @@ import logging
 import signal
 import sys
 
+import httptools
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from serving.prediction import PREDICT_MODES
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +60,37 @@ def ignore_stop_signals() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+class _NobodyWaits:
+    """uvicorn's connection_lost sets the current cycle's message_event: nobody waits on ours."""
+
+    @staticmethod
+    def set() -> None:
+        pass
+
+
+class PredictionCycle:
+    """A prediction request on its way through the protocol: the attributes uvicorn's protocol
+    reads on `self.cycle` (response flags, keep_alive, message_event) and the body so far."""
+
+    __slots__ = ("call", "chunks", "keep_alive", "awaiting_continue", "response_started", "response_complete",
+                 "disconnected", "message_event")
+
+    def __init__(self, keep_alive: bool, awaiting_continue: bool):
+        self.call = None
+        self.awaiting_continue = awaiting_continue  # Expect: 100-continue, not answered yet
+        self.chunks: list[bytes] = []
+        self.keep_alive = keep_alive
+        self.response_started = self.response_complete = self.disconnected = False
+        self.message_event = _NobodyWaits
+
+
 class TimeoutProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with deadlines for complete request headers and body."""
+    """uvicorn's httptools protocol with deadlines for complete request headers and body, and the
+    prediction routes served without ASGI."""
 
     header_timeout = 10.0
     body_timeout = 30.0
+    prediction = None  # serving.prediction.PredictionRoute of this process
     _timer = None
 
     def _arm(self, seconds: float, callback) -> None:
@@ -79,16 +112,64 @@ class TimeoutProtocol(HttpToolsProtocol):
             self._arm(self.header_timeout, self._too_slow)
 
     def on_headers_complete(self) -> None:
-        super().on_headers_complete()
+        if not self._begin_prediction():
+            super().on_headers_complete()
         self._arm(self.body_timeout, self._body_too_slow)
+
+    def on_body(self, body: bytes) -> None:
+        cycle = self.cycle
+        if type(cycle) is not PredictionCycle:
+            super().on_body(body)
+        elif not cycle.response_complete and self.prediction.body_arrived(cycle.call, len(body)):
+            cycle.chunks.append(body)
 
     def on_message_complete(self) -> None:
         self._disarm()
-        super().on_message_complete()
+        cycle = self.cycle
+        if type(cycle) is not PredictionCycle:
+            super().on_message_complete()
+        elif not cycle.response_complete:
+            body, cycle.chunks = b"".join(cycle.chunks), []
+            self.prediction.receive_body(cycle.call, body)
 
     def connection_lost(self, exc) -> None:
         self._disarm()
+        cycle = self.cycle
+        if type(cycle) is PredictionCycle:
+            cycle.disconnected = not cycle.response_complete
+            self.prediction.client_gone(cycle.call)  # (nothing to do when it was answered)
         super().connection_lost(exc)
+
+    def _begin_prediction(self) -> bool:
+        """Take a POST to a prediction route, unless it is pipelined behind a request in progress
+        (then uvicorn queues it for the ASGI path, which keeps the answers in order)."""
+        if self.prediction is None or self.parser.get_method() != b"POST":
+            return False
+        if self.cycle is not None and not self.cycle.response_complete:
+            return False
+        url = httptools.parse_url(self.url)
+        path = url.path.decode("latin-1")
+        if path not in PREDICT_MODES:
+            return False
+        cycle = self.cycle = PredictionCycle(self.parser.should_keep_alive(), self.expect_100_continue)
+        cycle.call = self.prediction.begin("POST", path, url.query or b"", self.headers,
+                                           lambda reply: self._reply(cycle, reply))
+        if cycle.awaiting_continue and not cycle.call.finished:
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            cycle.awaiting_continue = False
+        return True
+
+    def _reply(self, cycle: PredictionCycle, reply) -> None:
+        """Write a prediction route's answer, then what uvicorn does after a response."""
+        cycle.response_started = cycle.response_complete = True
+        if cycle.disconnected or self.transport.is_closing():
+            return
+        # refused before "100 Continue": the client may never send the body the parser would wait for
+        keep_alive = cycle.keep_alive and not reply.closes and not cycle.awaiting_continue
+        self.transport.write(reply.http(self.server_state.default_headers, keep_alive))
+        if not keep_alive:
+            self.transport.close()
+        self.on_response_complete()
 
     def _too_slow(self) -> None:
         self._timer = None
@@ -111,9 +192,9 @@ class TimeoutProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
-def protocol_with(header_timeout: float, body_timeout: float) -> type[TimeoutProtocol]:
+def protocol_with(header_timeout: float, body_timeout: float, prediction=None) -> type[TimeoutProtocol]:
     return type("TimeoutProtocol", (TimeoutProtocol,), {"header_timeout": header_timeout,
-                                                        "body_timeout": body_timeout})
+                                                        "body_timeout": body_timeout, "prediction": prediction})
 
 
 class SupervisedServer(uvicorn.Server):
@@ -131,7 +212,7 @@ def http_main(index: int, config, info, state, worker_names: list[str], sock) ->
 
     app = build_app(config, info, state, worker_names, index)
     uvicorn_config = uvicorn.Config(
-        app, http=protocol_with(config.header_timeout, config.body_timeout), loop="uvloop", lifespan="on", log_level=config.log_level,
+        app, http=protocol_with(config.header_timeout, config.body_timeout, app.prediction), loop="uvloop", lifespan="on", log_level=config.log_level,
         access_log=False, timeout_keep_alive=5, timeout_graceful_shutdown=max(1, int(config.drain_timeout)),
     )
     server = SupervisedServer(uvicorn_config)

@@ -3,8 +3,8 @@
 Everything that can be the client's fault fails here, before any slot of the inference queue is
 used, with a 4xx that names the problem: body size (413), body read timeout (408), media type
 (415), multipart/JSON/base64 structure, image count, per-image and per-request pixel budgets and
-undecodable images (400). A client that goes away mid-upload is an expected event: ClientGone
-(a counter, one debug line, never a 500).
+undecodable images (400). A client that goes away mid-upload is an expected event (a counter, one
+debug line, never a 500: serving/prediction.py).
 """
 
 from __future__ import annotations
@@ -16,9 +16,8 @@ import logging
 import time
 from dataclasses import dataclass
 
-from fastapi import HTTPException, Request
+from fastapi import HTTPException
 from fastapi.responses import JSONResponse
-from starlette.requests import ClientDisconnect
 
 from serving import multipart
 from serving.images import ImageError, finish_decode, open_image, resize_to_input, resized_short_side
@@ -37,10 +36,6 @@ class Limits:
     max_images: int
     max_image_pixels: int
     max_request_pixels: int
-
-
-class ClientGone(Exception):
-    """The client closed the connection before its request was complete or answered."""
 
 
 def error_response(status: int, message, headers: dict | None = None) -> JSONResponse:
@@ -121,36 +116,31 @@ def too_many(count: int | str, limit: int) -> HTTPException:
     return bad_request(f"{count} images in one request; the limit is {limit} (--max-images-per-request)")
 
 
-async def read_uploads(request: Request, max_images: int) -> list[tuple[str, bytes]]:
-    """The images of a request as (name, bytes), or an HTTP error naming what is wrong."""
-    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    try:
-        if media == "multipart/form-data":
-            uploads = await read_multipart(request, max_images)
-        elif media.startswith("image/") or media == "application/octet-stream":
-            body = await request.body()
-            if not body:
-                raise bad_request(f"empty body: the {media} request carries 0 bytes")
-            uploads = [("body", body)]
-        elif media == "application/json" or media.endswith("+json"):
-            uploads = read_json(await request.body(), max_images)
-        elif not media:
-            if not await request.body():
-                raise bad_request(f"no image in the request: send {SUPPORTED}")
-            raise HTTPException(415, f"missing Content-Type: send {SUPPORTED}")
-        else:
-            raise HTTPException(415, f"unsupported Content-Type {media!r}: send {SUPPORTED}")
-    except ClientDisconnect:
-        raise ClientGone() from None
+def read_uploads(content_type: str, body: bytes, max_images: int) -> list[tuple[str, bytes]]:
+    """The images of a request body as (name, bytes), or an HTTP error naming what is wrong."""
+    media = content_type.split(";")[0].strip().lower()
+    if media == "multipart/form-data":
+        uploads = read_multipart(content_type, body, max_images)
+    elif media.startswith("image/") or media == "application/octet-stream":
+        if not body:
+            raise bad_request(f"empty body: the {media} request carries 0 bytes")
+        uploads = [("body", body)]
+    elif media == "application/json" or media.endswith("+json"):
+        uploads = read_json(body, max_images)
+    elif not media:
+        if not body:
+            raise bad_request(f"no image in the request: send {SUPPORTED}")
+        raise HTTPException(415, f"missing Content-Type: send {SUPPORTED}")
+    else:
+        raise HTTPException(415, f"unsupported Content-Type {media!r}: send {SUPPORTED}")
     if len(uploads) > max_images:
         raise too_many(len(uploads), max_images)
     return uploads
 
 
-async def read_multipart(request: Request, max_images: int) -> list[tuple[str, bytes]]:
+def read_multipart(content_type: str, body: bytes, max_images: int) -> list[tuple[str, bytes]]:
     try:
-        parts = multipart.parse(await request.body(), multipart.boundary_of(request.headers.get("content-type", "")),
-                                max_files=max_images, max_fields=MAX_FIELDS)
+        parts = multipart.parse(body, multipart.boundary_of(content_type), max_files=max_images, max_fields=MAX_FIELDS)
     except multipart.MultipartError as error:
         raise bad_request(f"malformed multipart body: {error}") from None
     except OverflowError as error:

@@ -42,7 +42,8 @@ TICK_S = 0.25
 WORKER_STOP_S = 5.0
 
 
-def worker_main(lit_api, device: str, worker_id: int, side, answers, status_codes, nice: int = 0) -> None:
+def worker_main(lit_api, device: str, worker_id: int, side, answers, status_codes, nice: int = 0,
+                sched: str = "normal") -> None:
     """Entry point of an inference worker process (spawned)."""
     ignore_stop_signals()
     die_with_parent()
@@ -52,7 +53,19 @@ def worker_main(lit_api, device: str, worker_id: int, side, answers, status_code
             os.nice(nice)
         except OSError:
             pass
+    if sched == "batch":
+        use_batch_scheduling()
     run_inference_worker(lit_api, device, worker_id, side, answers, status_codes)
+
+
+def use_batch_scheduling() -> None:
+    """SCHED_BATCH: same CPU share, but a wake-up (a request's descriptor) does not preempt the
+    process on the core; on a GPU replica that process is an HTTP process decoding, the worker
+    then takes the images of one scheduler tick in one batch (README, "Host overhead")."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    except (AttributeError, OSError):  # not Linux: the default policy
+        log.debug("SCHED_BATCH is not available here")
 
 
 class Supervisor:
@@ -86,7 +99,7 @@ class Supervisor:
         process = mp.get_context("spawn").Process(
             target=worker_main, name=f"onnxship-worker{w}",
             args=(self.api, self.devices[w], w, self.side, self.answers, self.state.worker_status,
-                  self.config.worker_nice or 0))
+                  self.config.worker_nice or 0, self.config.worker_sched))
         process.start()
         self.state.worker_pid[w] = process.pid
         self.workers[w] = process

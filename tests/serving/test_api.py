@@ -247,13 +247,22 @@ def test_time_to_ready_counts_from_the_process_start(server):
     assert f"ready in {startup['ready_after_s']:.2f} s: 2 inference worker(s)" in server.log()
 
 
-def test_a_lone_request_does_not_wait_out_the_batch_timeout(default_artifact, tmp_path, jpeg_bytes):
+def test_a_lone_request_does_not_wait_out_the_batch_timeout(default_artifact, tmp_path, jpeg_bytes, server):
     """A worker waits to fill a batch only while more images are being decoded: with a 4 s batch
-    timeout a lone client is still answered at once, and concurrent clients are still batched."""
+    timeout a lone client is still answered at once, and concurrent clients are still batched.
+    This server has a GPU replica's worker policy (--worker-sched batch), the CPU one the default."""
+    import os
+
     from tests.serving.conftest import running
 
+    def worker_policies(running_server) -> set[int]:
+        notes = requests.get(f"{running_server.url}/model", headers=running_server.headers, timeout=30).json()
+        return {os.sched_getscheduler(note["pid"]) for note in notes["workers"]}
+
+    assert worker_policies(server) == {os.SCHED_OTHER}
     with running(default_artifact, tmp_path, "--workers", "1", "--max-batch-size", "8",
-                 "--batch-timeout", "4") as slow_to_fill:
+                 "--batch-timeout", "4", "--worker-sched", "batch") as slow_to_fill:
+        assert worker_policies(slow_to_fill) == {os.SCHED_BATCH}
         for _ in range(3):
             start = time.monotonic()
             assert post(slow_to_fill, files=files(jpeg_bytes)).status_code == 200

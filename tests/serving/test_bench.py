@@ -90,6 +90,7 @@ def test_gpu_replica_flags_give_a_cpu_server_the_cuda_defaults():
 
     emulated = load_config(["--model", "m.onnx", "--no-auth", *gpu_replica_args()], {}).resolved("cpu")
     cuda = load_config(["--model", "m.onnx", "--no-auth"], {}).resolved("cuda")
-    for setting in ("workers", "max_batch_size", "batch_timeout", "api_servers"):
+    for setting in ("workers", "max_batch_size", "batch_timeout", "api_servers", "worker_sched"):
         assert getattr(emulated, setting) == getattr(cuda, setting), setting
     assert emulated.batch_timeout > 0 and emulated.workers == 1  # what makes it differ from the CPU defaults
+    assert emulated.worker_sched == "batch" != load_config(["--model", "m.onnx", "--no-auth"], {}).resolved("cpu").worker_sched

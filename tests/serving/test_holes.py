@@ -4,6 +4,7 @@ pixel budgets, slow headers and bodies, redirects, API docs, limit messages."""
 from __future__ import annotations
 
 import io
+import json
 import re
 import socket
 import time
@@ -60,6 +61,56 @@ def test_client_disconnect_mid_upload_is_counted_not_a_500(server, jpeg_bytes):
     assert len(new_lines) <= 5 and not any("Traceback" in line or " 500" in line for line in new_lines), new_lines
     text = requests.get(f"{server.url}/metrics", timeout=10).text
     assert not re.search(r'onnxship_requests_total\{endpoint="/predict",status="500"\} [1-9]', text)
+
+
+def split_responses(data: bytes) -> list[tuple[int, dict]]:
+    """(status, JSON body) of each Content-Length-framed response in `data`."""
+    responses = []
+    while data:
+        head, _, rest = data.partition(b"\r\n\r\n")
+        length = int(re.search(rb"content-length: (\d+)", head, re.IGNORECASE).group(1))
+        responses.append((int(head.split()[1]), json.loads(rest[:length])))
+        data = rest[length:]
+    return responses
+
+
+def request_bytes(path: str, body: bytes, *headers: str) -> bytes:
+    lines = [f"POST {path} HTTP/1.1", "Host: x", "Content-Type: image/jpeg", f"Content-Length: {len(body)}", *headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def test_pipelined_requests_are_answered_in_order(server, jpeg_bytes):
+    """Three requests in one write: the prediction routes' own path takes the first, uvicorn's
+    queue the ones behind it, and the answers come back in the order asked."""
+    key = f"X-API-Key: {API_KEY}"
+    sock = raw_connection(server)
+    sock.sendall(request_bytes("/predict", jpeg_bytes, key) + request_bytes("/predict/top?k=2", jpeg_bytes, key)
+                 + b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    answers = split_responses(read_response(sock))
+    sock.close()
+    assert [status for status, _ in answers] == [200, 200, 200], answers
+    assert "class_id" in answers[0][1] and len(answers[1][1]["predictions"]) == 2 and answers[2][1] == {"status": "ok"}
+
+
+def test_expect_100_continue(server, jpeg_bytes):
+    """curl sends `Expect: 100-continue` with large uploads: an accepted request gets its 100 and
+    then its answer on the same connection; a refused one its error at once, and the connection
+    closes (the client may never send the body it held back)."""
+    accepted, refused = raw_connection(server), raw_connection(server)
+    head, _, body = request_bytes("/predict", jpeg_bytes, f"X-API-Key: {API_KEY}", "Expect: 100-continue",
+                                  "Connection: close").partition(b"\r\n\r\n")
+    accepted.sendall(head + b"\r\n\r\n")
+    assert accepted.recv(1024) == b"HTTP/1.1 100 Continue\r\n\r\n"
+    accepted.sendall(body)
+    [(status, answer)] = split_responses(read_response(accepted))
+    assert status == 200 and "class_id" in answer
+    head, _, _ = request_bytes("/predict", jpeg_bytes, "X-API-Key: nope", "Expect: 100-continue").partition(b"\r\n\r\n")
+    refused.sendall(head + b"\r\n\r\n")
+    start = time.monotonic()
+    [(status, answer)] = split_responses(read_response(refused))  # returns when the server closes
+    assert status == 401 and time.monotonic() - start < 5, answer
+    accepted.close()
+    refused.close()
 
 
 @pytest.mark.parametrize("body", [b"[" * 100_000 + b"]" * 100_000, b'{"image": ' * 50_000])

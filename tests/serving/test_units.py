@@ -292,15 +292,15 @@ def test_an_http_process_counts_images_as_on_their_way_from_slots_to_hand_off():
 
     async def hand_off(slots):
         dispatcher.start()
+        outcome = asyncio.get_running_loop().create_future()
         try:
-            await dispatcher.run(slots, "class", 1, time.monotonic() + 0.05)
-        except DeadlineExceeded:  # no worker here to answer
-            pass
+            dispatcher.submit(slots, "class", 1, time.monotonic() + 0.05, outcome.set_result)
+            return await outcome
         finally:
             dispatcher.stop()
 
     slots = dispatcher.acquire(2)
-    asyncio.run(hand_off(slots))
+    assert isinstance(asyncio.run(hand_off(slots)), DeadlineExceeded)  # no worker here to answer
     assert list(state.decoding) == [0, 0]
     assert state.for_worker().receive(0.0).slots == tuple(slots)  # handed off: queued, no longer "on the way"
 
