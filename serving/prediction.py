@@ -262,13 +262,12 @@ class PredictionRoute:
         if call.finished:
             return
         call.finished = True
+        stage = "waiting" if call.slots else "upload"  # (slots are taken once the whole body is here)
+        metrics().disconnects.labels(stage=stage).inc()
+        log.debug("client disconnected (%s)", stage)
         if call.pending is not None:
-            metrics().disconnects.labels(stage="waiting").inc()
             self.dispatcher.abandon(call.pending)
-        else:
-            metrics().disconnects.labels(stage="upload").inc()
-            log.debug("client disconnected during the upload")
-            # slots taken and not yet handed off come back when their decode turn (or thread) ends
+        # (slots not handed off yet come back when their decode turn, or the thread, ends)
         self.requests.observe(call.path, CLIENT_GONE, time.perf_counter() - call.started)
 
     # ------------------------------------------------------------ replies

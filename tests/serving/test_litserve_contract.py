@@ -9,6 +9,7 @@ serving/httpserver.py are checked the same way.
 from __future__ import annotations
 
 import inspect
+import re
 import subprocess
 import sys
 import textwrap
@@ -169,11 +170,19 @@ def test_uvicorn_internals_used_by_the_http_processes():
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
     assert uvicorn.__version__ == "0.54.0", f"uvicorn {uvicorn.__version__}: re-check serving/httpserver.py"
-    for name in ("connection_made", "connection_lost", "on_message_begin", "on_headers_complete",
-                 "on_message_complete"):
+    for name in ("connection_made", "connection_lost", "on_message_begin", "on_headers_complete", "on_body",
+                 "on_message_complete", "on_response_complete", "shutdown"):
         assert callable(getattr(HttpToolsProtocol, name, None)), f"HttpToolsProtocol.{name} is gone"
     source = inspect.getsource(RequestResponseCycle.__init__)
     assert "self.response_started" in source and "self.response_complete" in source
     assert "self.loop" in inspect.getsource(HttpToolsProtocol.__init__)
+    # the prediction routes' path (serving/httpserver.py, PredictionCycle): what it reads and what it must provide
+    assert all(f"self.{name}" in inspect.getsource(HttpToolsProtocol) for name in
+               ("url", "headers", "expect_100_continue", "server_state", "parser", "cycle", "flow"))
+    assert "self.headers.append((name, value))" in inspect.getsource(HttpToolsProtocol.on_header)
+    assert "default_headers" in inspect.getsource(HttpToolsProtocol.on_headers_complete)
+    cycle_uses = inspect.getsource(HttpToolsProtocol.connection_lost) + inspect.getsource(HttpToolsProtocol.shutdown)
+    assert set(re.findall(r"self\.cycle\.(\w+)", cycle_uses)) <= {"response_complete", "disconnected",
+                                                                   "message_event", "keep_alive"}
     assert "capture_signals" in inspect.getsource(uvicorn.Server.serve)
     assert hasattr(uvicorn.Server(uvicorn.Config(app=lambda *a: None)), "should_exit")

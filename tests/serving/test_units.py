@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
@@ -438,3 +439,80 @@ def test_a_worker_that_just_served_polls_for_a_while_and_an_idle_one_sleeps(monk
     sender.start()
     assert side.receive(1.0) == request  # found while polling
     sender.join()
+
+
+def test_prediction_replies_and_query_parsing():
+    """What the protocol path writes itself: a whole HTTP/1.1 response (uvicorn's default headers,
+    JSON like Starlette's, `connection: close` when not kept alive), and k read from the raw
+    query string as Starlette reads it (decoded, the last value wins)."""
+    from serving.prediction import Reply, header_dict, query_value
+
+    reply = Reply.error(503, "busy: é", {"Retry-After": "1"})
+    raw = reply.http([(b"server", b"uvicorn")], keep_alive=False)
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.split(b"\r\n") == [b"HTTP/1.1 503 Service Unavailable", b"server: uvicorn",
+                                   b"content-type: application/json", b"content-length: %d" % len(body),
+                                   b"retry-after: 1", b"connection: close"]
+    assert json.loads(body) == {"error": "busy: é", "status": 503} and "é".encode() in body
+    closing = Reply.error(413, "too large", {"Connection": "close"})
+    assert closing.closes and closing.http([], keep_alive=True).count(b"connection: close") == 1
+    assert b"connection" not in Reply(200, {"a": 1}).http([], keep_alive=True)
+    assert query_value(b"k=3&x=1&k=%37", "k", "5") == "7" and query_value(b"", "k", "5") == "5"
+    assert query_value(b"k=+2", "k", "5") == " 2"  # then refused: not an integer (422)
+    assert header_dict([(b"X-API-Key", b"a"), (b"x-api-key", b"b")]) == {"x-api-key": "a"}
+
+
+def test_prediction_route_decodes_one_request_per_loop_turn_and_large_images_in_a_thread(monkeypatch, jpeg_bytes):
+    """Typical photos decode in the event loop, one request per loop turn, so that whatever else
+    the loop has to do (another connection, /health, a rejection) runs between two decodes; an
+    image over INLINE_DECODE_PIXELS decodes in the thread, leaving the loop free meanwhile."""
+    import asyncio
+    import io
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    import serving.prediction as prediction
+    from serving.auth import ApiKeyAuth
+    from serving.dispatch import Dispatcher
+    from serving.handoff import W_READY, SharedState
+    from serving.ingress import Limits
+    from serving.metrics import RequestMetrics
+
+    events = []
+    original = prediction.decode_opened
+
+    def recording_decode(opened, targets, size, policy):
+        events.append(("decode", threading.current_thread().name))
+        original(opened, targets, size, policy)
+
+    monkeypatch.setattr(prediction, "decode_opened", recording_decode)
+    large = io.BytesIO()
+    Image.new("RGB", (2000, 1500), (200, 30, 30)).save(large, "PNG")
+    state = SharedState(servers=1, slots_per_server=8, workers=1, image_shape=(224, 224, 3))
+    state.worker_status[0] = W_READY
+    dispatcher = Dispatcher(state, 0)
+    route = prediction.PredictionRoute(5.0, Limits(20 << 20, 8, 24_000_000, 64_000_000), ApiKeyAuth(None),
+                                       [str(i) for i in range(1000)], 1000, 224, "center_crop", RequestMetrics())
+
+    async def scenario():
+        dispatcher.start()
+        route.start(dispatcher, ThreadPoolExecutor(1, thread_name_prefix="decode"))
+        loop = asyncio.get_running_loop()
+        try:
+            for body, media in ((jpeg_bytes, b"image/jpeg"), (jpeg_bytes, b"image/jpeg"), (large.getvalue(), b"image/png")):
+                call = route.begin("POST", "/predict", b"", [(b"content-type", media)], events.append)
+                route.receive_body(call, body)
+            loop.call_soon(events.append, ("other work",))
+            while len([e for e in events if e[0] == "decode"]) < 3 or state.decoding[0]:
+                await asyncio.sleep(0.01)
+        finally:
+            dispatcher.stop()
+
+    asyncio.run(scenario())
+    loop_thread = threading.current_thread().name
+    in_the_thread = [e for e in events if e[0] == "decode" and e[1] != loop_thread]
+    assert [e for e in events if e not in in_the_thread] == [("decode", loop_thread), ("other work",),
+                                                             ("decode", loop_thread)], events
+    assert len(in_the_thread) == 1 and in_the_thread[0][1].startswith("decode"), events  # the large image
+    assert not [e for e in events if isinstance(e, prediction.Reply)], events  # all three handed off
