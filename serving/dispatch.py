@@ -180,6 +180,9 @@ class Dispatcher:
         except BlockingIOError:
             self.release(slots)
             raise Refused("queue_full", "server at capacity (request queue full): retry after the Retry-After delay")
+        except OSError:
+            state.decoding[self.server] += len(slots)  # not handed off: the caller releases them as such
+            raise
         pending = self.pending[req_id] = Pending(settle, slots, seq, now)
         pending.timer = self.loop.call_later(max(0.0, deadline - now), self._expire, pending)
         return pending

@@ -159,7 +159,7 @@ class PredictionRoute:
             self.auth.check(fields)  # before k is looked at: no information without the key
             if call.mode == "top":
                 call.k = self.top_k_of(query)
-        except HTTPException as error:
+        except Exception as error:  # noqa: BLE001 - a 4xx naming the problem, or a logged 500
             return self.finish(call, self.error_reply(error))
         call.content_type = fields.get("content-type", "")
         call.deadline = time.monotonic() + self.request_timeout
@@ -186,15 +186,11 @@ class PredictionRoute:
         try:
             uploads = read_uploads(call.content_type, body, self.limits.max_images)
             call.slots = self.dispatcher.acquire(len(uploads))
-        except HTTPException as error:
-            self.finish(call, self.error_reply(error))
-            return
+            opened, pixels = open_all(uploads, self.size, self.policy, self.limits)
         except Refused as refused:  # before any decoding
             self.finish(call, unavailable(refused))
             return
-        try:
-            opened, pixels = open_all(uploads, self.size, self.policy, self.limits)
-        except HTTPException as error:
+        except Exception as error:  # noqa: BLE001 - a 4xx naming the problem, or a logged 500
             self.release_undecoded(call)
             self.finish(call, self.error_reply(error))
             return
@@ -237,6 +233,9 @@ class PredictionRoute:
                                                   lambda outcome: self.answered(call, outcome))
         except Refused as refused:
             self.finish(call, unavailable(refused))
+        except Exception as error:  # noqa: BLE001 - logged, a 500 for this request only
+            self.release_undecoded(call)
+            self.finish(call, self.error_reply(error))
 
     def answered(self, call: Call, outcome) -> None:
         if isinstance(outcome, DeadlineExceeded):

@@ -516,3 +516,39 @@ def test_prediction_route_decodes_one_request_per_loop_turn_and_large_images_in_
                                                              ("decode", loop_thread)], events
     assert len(in_the_thread) == 1 and in_the_thread[0][1].startswith("decode"), events  # the large image
     assert not [e for e in events if isinstance(e, prediction.Reply)], events  # all three handed off
+
+
+def test_a_bug_on_the_prediction_path_is_a_logged_500_for_that_request_only(monkeypatch, jpeg_bytes, caplog):
+    """No request is left without an answer: an unexpected error while reading the uploads (here
+    a broken open_all) answers 500, logs the traceback and gives the slots back."""
+    import asyncio
+
+    import serving.prediction as prediction
+    from serving.auth import ApiKeyAuth
+    from serving.dispatch import Dispatcher
+    from serving.handoff import W_READY, SharedState
+    from serving.ingress import Limits
+    from serving.metrics import RequestMetrics
+
+    def broken_open_all(*args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(prediction, "open_all", broken_open_all)
+    state = SharedState(servers=1, slots_per_server=4, workers=1, image_shape=(224, 224, 3))
+    state.worker_status[0] = W_READY
+    dispatcher = Dispatcher(state, 0)
+    route = prediction.PredictionRoute(5.0, Limits(20 << 20, 8, 24_000_000, 64_000_000), ApiKeyAuth(None),
+                                       [str(i) for i in range(1000)], 1000, 224, "center_crop", RequestMetrics())
+    replies = []
+
+    async def scenario():
+        dispatcher.start()
+        route.start(dispatcher, None)
+        call = route.begin("POST", "/predict", b"", [(b"content-type", b"image/jpeg")], replies.append)
+        route.receive_body(call, jpeg_bytes)
+        dispatcher.stop()
+
+    asyncio.run(scenario())
+    [reply] = replies
+    assert reply.status == 500 and json.loads(reply.body)["error"] == prediction.INTERNAL_ERROR
+    assert "a bug" in caplog.text and dispatcher.held == 0 and list(state.decoding) == [0]
