@@ -16,8 +16,8 @@ answer, as a chain of event-loop callbacks (no ASGI messages, task, future or th
 Two drivers feed it. The HTTP protocol of the HTTP processes (serving/httpserver.py) calls `begin`
 when a request's headers are complete and `receive_body` with the whole body, and writes the
 Reply itself. `PredictionRoute.asgi` does the same over ASGI for requests that reach the app that
-way (a pipelined request, Starlette's TestClient). Measured per image on the development VM, the
-protocol path costs 0.17 ms less CPU than the ASGI one (README, "Host overhead, fifth pass").
+way (a pipelined request, Starlette's TestClient). On the development VM the protocol path costs
+about 0.2 ms less CPU per image than the ASGI one (README, "Host overhead, fifth pass").
 """
 
 from __future__ import annotations
