@@ -220,16 +220,22 @@ def open_all(uploads: list[tuple[str, bytes]], size: int, policy: str, limits: L
 def decode_opened(opened: list, targets, size: int, policy: str) -> None:
     """Decode the images from `open_all` into `targets` (one [size, size, 3] uint8 view each:
     shared-memory slots). Pillow releases the GIL while it decodes, so this may run in a thread."""
+    for index, target in enumerate(targets):
+        decode_one(opened, index, target, size, policy)
+
+
+def decode_one(opened: list, index: int, target, size: int, policy: str) -> None:
+    """Decode image `index` of `opened` into `target` (errors name the file when there are several)."""
     m = metrics()
-    for (name, length, image), target in zip(opened, targets):
-        start = time.perf_counter()
-        try:
-            target[...] = resize_to_input(finish_decode(image, length), size, policy)
-        except ImageError as error:
-            m.images_decoded.labels(outcome="rejected").inc()
-            raise bad_request(_named(name, len(opened)) + str(error)) from None
-        m.images_decoded.labels(outcome="ok").inc()
-        m.decode_duration.observe(time.perf_counter() - start)
+    name, length, image = opened[index]
+    start = time.perf_counter()
+    try:
+        target[...] = resize_to_input(finish_decode(image, length), size, policy)
+    except ImageError as error:
+        m.images_decoded.labels(outcome="rejected").inc()
+        raise bad_request(_named(name, len(opened)) + str(error)) from None
+    m.images_decoded.labels(outcome="ok").inc()
+    m.decode_duration.observe(time.perf_counter() - start)
 
 
 def decode_into(uploads: list[tuple[str, bytes]], targets, size: int, policy: str, limits: Limits) -> None:

@@ -5,10 +5,10 @@ answer, as a chain of event-loop callbacks (no ASGI messages, task, future or th
               ready, queue full): all answered before a byte of the body is read
     body      the upload forms (415/400, serving/ingress.py) -> one slot per image (503 if they do
               not fit) -> image headers and pixel budgets (400)
-    decode    into the slots: in the event loop, one request per loop turn, so that between two
+    decode    into the slots: in the event loop, one image per loop turn, so that between two
               decodes the loop reads other connections, answers /health and sends rejections; in
-              the decode thread for a request over INLINE_DECODE_PIXELS (a long decode must not
-              stall the loop)
+              the decode thread for a request with an image over INLINE_DECODE_PIXELS (a long
+              decode must not stall the loop)
     hand-off  a descriptor to a worker (serving/dispatch.py); the answer, the deadline (504), the
               worker's death (503) or the client leaving (499, never sent) settles the request
     answer    JSON with labels and processing_time
@@ -36,15 +36,15 @@ from fastapi import HTTPException
 
 from serving.auth import ApiKeyAuth
 from serving.dispatch import DeadlineExceeded, Dispatcher, InferenceFailed, Refused, WorkerDied
-from serving.ingress import Limits, PayloadTooLarge, decode_opened, open_all, read_uploads
+from serving.ingress import Limits, PayloadTooLarge, decode_one, decode_opened, open_all, read_uploads
 from serving.metrics import RequestMetrics, metrics
 
 log = logging.getLogger(__name__)
 
 PREDICT_MODES = {"/predict": "class", "/predict/top": "top"}
-# A request whose images decode to more than this many pixels (JPEGs after DCT scaling; a typical
-# photo is 50 to 200 thousand, about 2 ms) is decoded in a thread, so the event loop keeps serving
-# other connections meanwhile; smaller ones in the loop, one per loop turn.
+# A request with an image that decodes to more than this many pixels (JPEGs after DCT scaling; a
+# typical photo is 50 to 200 thousand, about 2 ms) is decoded in a thread, so the event loop keeps
+# serving other connections meanwhile; smaller images in the loop, one per loop turn.
 INLINE_DECODE_PIXELS = int(os.environ.get("ONNXSHIP_INLINE_DECODE_PIXELS", 600_000))
 RETRY_AFTER_S = 1  # what a 503 tells the client to wait before retrying
 CLIENT_GONE = 499  # nginx's "client closed request": counted in the metrics, never sent
@@ -186,7 +186,7 @@ class PredictionRoute:
         try:
             uploads = read_uploads(call.content_type, body, self.limits.max_images)
             call.slots = self.dispatcher.acquire(len(uploads))
-            opened, pixels = open_all(uploads, self.size, self.policy, self.limits)
+            opened, _ = open_all(uploads, self.size, self.policy, self.limits)
         except Refused as refused:  # before any decoding
             self.finish(call, unavailable(refused))
             return
@@ -194,32 +194,33 @@ class PredictionRoute:
             self.release_undecoded(call)
             self.finish(call, self.error_reply(error))
             return
-        if pixels > INLINE_DECODE_PIXELS:
+        if max(image.width * image.height for _, _, image in opened) > INLINE_DECODE_PIXELS:
             decoding = self.loop.run_in_executor(self.decoder, decode_opened, opened,
                                                  self.dispatcher.views(call.slots), self.size, self.policy)
             decoding.add_done_callback(lambda done: self.decoded(call, done.exception()))
             return
-        self.decode_queue.append((call, opened))
+        self.decode_queue.extend((call, opened, index) for index in range(len(opened)))
         if not self.turn_scheduled:
             self.turn_scheduled = True
             self.loop.call_soon(self.decode_turn)
 
     def decode_turn(self) -> None:
-        """Decode one queued request; the next one after the loop has looked at its sockets."""
-        call, opened = self.decode_queue.popleft()
+        """Decode one queued image; the next one after the loop has looked at its sockets."""
+        call, opened, index = self.decode_queue.popleft()
         if self.decode_queue:
             self.loop.call_soon(self.decode_turn)
         else:
             self.turn_scheduled = False
-        if call.finished:  # the client left while this waited
+        if call.finished:  # the client left, or an earlier image of the request failed
             self.release_undecoded(call)
             return
         try:
-            decode_opened(opened, self.dispatcher.views(call.slots), self.size, self.policy)
+            decode_one(opened, index, self.dispatcher.views(call.slots)[index], self.size, self.policy)
         except Exception as error:  # noqa: BLE001 - answered, as in the thread
             self.decoded(call, error)
         else:
-            self.decoded(call, None)
+            if index == len(opened) - 1:
+                self.decoded(call, None)
 
     def decoded(self, call: Call, error: BaseException | None) -> None:
         """Hand the decoded images to a worker, or answer the decoding error."""

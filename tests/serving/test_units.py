@@ -462,11 +462,12 @@ def test_prediction_replies_and_query_parsing():
     assert header_dict([(b"X-API-Key", b"a"), (b"x-api-key", b"b")]) == {"x-api-key": "a"}
 
 
-def test_prediction_route_decodes_one_request_per_loop_turn_and_large_images_in_a_thread(monkeypatch, jpeg_bytes):
-    """Typical photos decode in the event loop, one request per loop turn, so that whatever else
-    the loop has to do (another connection, /health, a rejection) runs between two decodes; an
-    image over INLINE_DECODE_PIXELS decodes in the thread, leaving the loop free meanwhile."""
+def test_prediction_route_decodes_one_image_per_loop_turn_and_large_images_in_a_thread(monkeypatch, jpeg_bytes):
+    """Typical photos decode in the event loop, one image per loop turn, so that whatever else the
+    loop has to do (another connection, /health, a rejection) runs between two decodes; a request
+    with an image over INLINE_DECODE_PIXELS decodes in the thread, leaving the loop free meanwhile."""
     import asyncio
+    import base64
     import io
     from concurrent.futures import ThreadPoolExecutor
 
@@ -480,15 +481,21 @@ def test_prediction_route_decodes_one_request_per_loop_turn_and_large_images_in_
     from serving.metrics import RequestMetrics
 
     events = []
-    original = prediction.decode_opened
+    in_the_loop, in_a_thread = prediction.decode_one, prediction.decode_opened
 
-    def recording_decode(opened, targets, size, policy):
-        events.append(("decode", threading.current_thread().name))
-        original(opened, targets, size, policy)
+    def one_image(opened, index, target, size, policy):
+        events.append(("decode", threading.current_thread().name, index))
+        in_the_loop(opened, index, target, size, policy)
 
-    monkeypatch.setattr(prediction, "decode_opened", recording_decode)
+    def whole_request(opened, targets, size, policy):
+        events.append(("decode", threading.current_thread().name, "all"))
+        in_a_thread(opened, targets, size, policy)
+
+    monkeypatch.setattr(prediction, "decode_one", one_image)
+    monkeypatch.setattr(prediction, "decode_opened", whole_request)
     large = io.BytesIO()
     Image.new("RGB", (2000, 1500), (200, 30, 30)).save(large, "PNG")
+    two = json.dumps({"images": [base64.b64encode(jpeg_bytes).decode()] * 2}).encode()
     state = SharedState(servers=1, slots_per_server=8, workers=1, image_shape=(224, 224, 3))
     state.worker_status[0] = W_READY
     dispatcher = Dispatcher(state, 0)
@@ -500,11 +507,12 @@ def test_prediction_route_decodes_one_request_per_loop_turn_and_large_images_in_
         route.start(dispatcher, ThreadPoolExecutor(1, thread_name_prefix="decode"))
         loop = asyncio.get_running_loop()
         try:
-            for body, media in ((jpeg_bytes, b"image/jpeg"), (jpeg_bytes, b"image/jpeg"), (large.getvalue(), b"image/png")):
+            for body, media in ((two, b"application/json"), (jpeg_bytes, b"image/jpeg"),
+                                (large.getvalue(), b"image/png")):
                 call = route.begin("POST", "/predict", b"", [(b"content-type", media)], events.append)
                 route.receive_body(call, body)
             loop.call_soon(events.append, ("other work",))
-            while len([e for e in events if e[0] == "decode"]) < 3 or state.decoding[0]:
+            while len([e for e in events if e[0] == "decode"]) < 4 or state.decoding[0]:
                 await asyncio.sleep(0.01)
         finally:
             dispatcher.stop()
@@ -512,8 +520,8 @@ def test_prediction_route_decodes_one_request_per_loop_turn_and_large_images_in_
     asyncio.run(scenario())
     loop_thread = threading.current_thread().name
     in_the_thread = [e for e in events if e[0] == "decode" and e[1] != loop_thread]
-    assert [e for e in events if e not in in_the_thread] == [("decode", loop_thread), ("other work",),
-                                                             ("decode", loop_thread)], events
+    assert [e for e in events if e not in in_the_thread] == [("decode", loop_thread, 0), ("other work",),
+                                                             ("decode", loop_thread, 1), ("decode", loop_thread, 0)]
     assert len(in_the_thread) == 1 and in_the_thread[0][1].startswith("decode"), events  # the large image
     assert not [e for e in events if isinstance(e, prediction.Reply)], events  # all three handed off
 
