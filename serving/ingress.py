@@ -52,9 +52,10 @@ class PayloadTooLarge(HTTPException):
                          "--max-payload-bytes); downscale or compress the image")
 
 
-def declared_too_large(scope, max_bytes: int) -> bool:
-    """The request's Content-Length is over `max_bytes` (refused before any byte of the body is read)."""
-    for name, value in scope.get("headers") or ():
+def declared_too_large(headers, max_bytes: int) -> bool:
+    """The request's Content-Length is over `max_bytes` (refused before any byte of the body is read).
+    `headers`: raw (lower-case name, value) byte pairs, as in an ASGI scope."""
+    for name, value in headers:
         if name == b"content-length":
             return value.isdigit() and int(value) > max_bytes
     return False
@@ -92,7 +93,7 @@ class IngressLimitMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             await self.app(scope, receive, send)
-        elif declared_too_large(scope, self.max_bytes):
+        elif declared_too_large(scope.get("headers") or (), self.max_bytes):
             await too_large_response(self.max_bytes)(scope, receive, send)
         else:
             await self.app(scope, limited_receive(receive, self.max_bytes), send)

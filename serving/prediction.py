@@ -36,7 +36,8 @@ from fastapi import HTTPException
 
 from serving.auth import ApiKeyAuth
 from serving.dispatch import DeadlineExceeded, Dispatcher, InferenceFailed, Refused, WorkerDied
-from serving.ingress import Limits, PayloadTooLarge, decode_one, decode_opened, open_all, read_uploads
+from serving.ingress import (Limits, PayloadTooLarge, declared_too_large, decode_one, decode_opened, open_all,
+                             read_uploads)
 from serving.metrics import RequestMetrics, metrics
 
 log = logging.getLogger(__name__)
@@ -149,11 +150,10 @@ class PredictionRoute:
         """A request's headers are complete. Returns its Call; `call.finished` when it has been
         answered already (a rejection: the body that follows is not read)."""
         call = Call(path, respond)
+        if declared_too_large(headers, self.max_body):
+            return self.finish(call, self.too_large())
         fields = header_dict(headers)
         try:
-            declared = fields.get("content-length", "")
-            if declared.isdigit() and int(declared) > self.max_body:
-                return self.finish(call, self.too_large())
             if method != "POST":
                 raise HTTPException(405, "Method Not Allowed", {"Allow": "POST"})
             self.auth.check(fields)  # before k is looked at: no information without the key
@@ -215,7 +215,8 @@ class PredictionRoute:
             self.release_undecoded(call)
             return
         try:
-            decode_one(opened, index, self.dispatcher.views(call.slots)[index], self.size, self.policy)
+            [target] = self.dispatcher.views(call.slots[index:index + 1])
+            decode_one(opened, index, target, self.size, self.policy)
         except Exception as error:  # noqa: BLE001 - answered, as in the thread
             self.decoded(call, error)
         else:
